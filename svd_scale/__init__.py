@@ -1,0 +1,22 @@
+"""svd_scale: SVD-based adapters for large language models under ZeRO-3, FSDP2 and 4-bit.
+
+    import svd_scale
+    model = svd_scale.apply(model, svd_scale.AdapterConfig(method="svd_scale", rank=64))
+    ...train with your own loop or transformers.Trainer...
+    svd_scale.save_adapter(model, "out/adapter")
+    merged = svd_scale.merge_and_unload(model)   # a plain transformers model
+
+Importing this package never imports deepspeed or bitsandbytes; those load only
+when a sharded or 4-bit path is used.
+"""
+from .config import AdapterConfig, RunConfig, TrainConfig, load_config
+from .inject import adapter_layers, apply, parameter_counts
+from .io import load_adapter, merge_and_unload, save_adapter
+from .layer import AdapterLayer, Role
+from .methods import METHODS, register_method
+from .losses import regularization_loss
+
+__all__ = ["AdapterConfig", "TrainConfig", "RunConfig", "load_config", "apply", "adapter_layers", "parameter_counts",
+           "save_adapter", "load_adapter", "merge_and_unload", "AdapterLayer", "Role", "METHODS", "register_method",
+           "regularization_loss"]
+__version__ = "0.1.0"

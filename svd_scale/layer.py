@@ -1,0 +1,117 @@
+"""The adapter layer every method shares: state roles, dtype contract, shapes.
+
+An adapter layer wraps the original linear module (``base_layer``). The original
+weight parameter is *reused* as the frozen residual: initialization overwrites it in
+place with ``W - removed`` (same shape, same dtype), which is what lets ZeRO-3 and
+FSDP keep it sharded exactly as before -- no new full-size tensor is ever created.
+The base layer's own forward (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes'
+``Linear4bit``) computes ``W_res x + b``; the method adds its low-rank part.
+
+Each method (one file under ``svd_scale/methods/``) subclasses :class:`AdapterLayer`
+and declares, in one place, the role of every tensor it adds:
+
+* ``TRAINABLE`` -- fp32 ``nn.Parameter`` with ``requires_grad``; saved in the adapter.
+* ``FACTOR``    -- frozen parameter used by ``forward`` (e.g. ``U_r``, ``V_r``); saved.
+* ``INIT``      -- frozen parameter *not* used by ``forward``: the initial values that
+  were subtracted from ``W`` (e.g. ``sigma0``). Saved, so that loading an adapter
+  rebuilds the residual as ``W - removed(...)`` bit-for-bit, without an SVD.
+
+Frozen tensors are parameters (not buffers) because ZeRO-3 and FSDP shard
+parameters only. Freezing, saving and tests all derive from ``roles``.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+class Role(str, enum.Enum):
+    TRAINABLE = "trainable"
+    FACTOR = "factor"
+    INIT = "init"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored in x out."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def logical_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear-like module, without reading its (possibly sharded) data."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        return module.nf, module.nx
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+class AdapterLayer(nn.Module):
+    """Base of every method's layer. Subclasses define the class attributes and the
+    four pure pieces: ``shapes``, ``init`` (from the SVD), ``removed`` and ``merge``."""
+
+    method: ClassVar[str]
+    roles: ClassVar[dict[str, Role]]
+    #: option name -> default; the AdapterConfig fields this method reads.
+    options: ClassVar[dict[str, Any]] = {}
+    #: what the init needs: "top" (top-r SVD), "bottom" (full SVD, smallest r) or "none".
+    needs_svd: ClassVar[str] = "top"
+
+    def __init__(self, base_layer: nn.Module, rank: int, opts: dict, factor_dtype: torch.dtype,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = logical_shape(base_layer)
+        self.rank = rank
+        self.opts = dict(opts)
+        for name, shape in self.shapes(self.out_features, self.in_features, rank, self.opts).items():
+            role = self.roles[name]
+            dtype = torch.float32 if role is Role.TRAINABLE else factor_dtype
+            p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=role is Role.TRAINABLE)
+            self.register_parameter(name, p)
+
+    # ----- what a method defines -------------------------------------------------
+    @staticmethod
+    def shapes(out_f: int, in_f: int, rank: int, opts: dict) -> dict[str, tuple]:
+        raise NotImplementedError
+
+    @staticmethod
+    def init(W: torch.Tensor, rank: int, opts: dict, svd_fn, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Initial values of every declared tensor, in fp32, from the full weight ``W`` (out x in).
+        ``svd_fn(W, rank)`` returns the top-r :class:`svd_scale.svd.SVD` (for ``needs_svd == "top"``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def removed(t: dict[str, torch.Tensor], opts: dict) -> Optional[torch.Tensor]:
+        """What is subtracted from ``W`` to form the frozen residual (None: nothing)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def merge(W_res: torch.Tensor, t: dict[str, torch.Tensor], opts: dict) -> torch.Tensor:
+        """The single dense weight (out x in, fp32) equal to this layer's map, minus the bias."""
+        raise NotImplementedError
+
+    def regularizer(self) -> Optional[torch.Tensor]:
+        """This layer's term of the method's extra loss (None: no extra loss)."""
+        return None
+
+    # ----- shared machinery -------------------------------------------------------
+    def tensors(self, roles: tuple = (Role.TRAINABLE, Role.FACTOR, Role.INIT)) -> dict[str, nn.Parameter]:
+        return {n: getattr(self, n) for n, r in self.roles.items() if r in roles}
+
+    def fp32_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.float() for n, p in self.tensors().items()}
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, rank={self.rank}, in={self.in_features}, out={self.out_features}"
+
+    @staticmethod
+    def cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The dtype contract: fp32 trainables meet activations in the activation dtype."""
+        return t if t.dtype == like.dtype else t.to(like.dtype)
