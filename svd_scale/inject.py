@@ -131,10 +131,15 @@ class WeightAccess:
     def run(self, layers: list[tuple[str, AdapterLayer]], compute) -> None:
         for i, (name, layer) in enumerate(layers):
             with torch.no_grad():
-                W = to_out_in(layer.base_layer, layer.base_layer.weight.detach()).float()
+                W = compute_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach()))
                 tensors = compute(i, name, layer, W)
                 load_tensors(layer, tensors)
                 write_residual(layer, W)
+
+
+def compute_dtype(W: torch.Tensor) -> torch.Tensor:
+    """Init math runs in fp32 -- or float64 for a float64 model (tests' exact reference)."""
+    return W if W.dtype == torch.float64 else W.float()
 
 
 def load_tensors(layer: AdapterLayer, tensors: dict[str, torch.Tensor]) -> None:
@@ -152,8 +157,9 @@ def load_tensors(layer: AdapterLayer, tensors: dict[str, torch.Tensor]) -> None:
 
 def residual_of(layer: AdapterLayer, W: torch.Tensor) -> torch.Tensor:
     """``W - removed`` in fp32, from the tensors as stored (so the split is exact)."""
-    rem = type(layer).removed(layer.fp32_tensors(), layer.opts)
-    return W.float() if rem is None else W.float() - rem.to(W.device)
+    W = compute_dtype(W)
+    rem = type(layer).removed(layer.fp32_tensors(W.dtype), layer.opts)
+    return W if rem is None else W - rem.to(W.device)
 
 
 def write_residual(layer: AdapterLayer, W: torch.Tensor) -> None:
@@ -183,7 +189,7 @@ def initialize(layers: list[tuple[str, AdapterLayer]], cfg: AdapterConfig, acces
 
     def compute(i, name, layer, W):
         t = type(layer).init(W, layer.rank, layer.opts, svd_fn, layer_generator(seed, i, W.device))
-        return {k: v.float() for k, v in t.items()}
+        return {k: compute_dtype(v) for k, v in t.items()}
 
     (access or WeightAccess()).run(layers, compute)
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import (WeightAccess, adapter_layers, check_ranks, find_targets, from_out_in, mark_trainable,
+from .inject import (WeightAccess, adapter_layers, check_ranks, compute_dtype, find_targets, from_out_in, mark_trainable,
                      to_out_in, wrap)
 from .layer import is_linear_like, logical_shape
 from .methods import get_method
@@ -138,8 +138,8 @@ def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAcc
 
 def merged_weight(layer) -> torch.Tensor:
     """The dense out x in weight (fp32) equal to an adapter layer's map (pure given its state)."""
-    W_res = to_out_in(layer.base_layer, layer.base_layer.weight.detach()).float()
-    W = type(layer).merge(W_res, layer.fp32_tensors(), layer.opts)
+    W_res = compute_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach()))
+    W = type(layer).merge(W_res, layer.fp32_tensors(W_res.dtype), layer.opts)
     if not torch.isfinite(W).all():
         raise ValueError(f"merged weight of a {layer.method} layer has non-finite values; refusing to merge")
     return W

@@ -11,10 +11,13 @@ Each method (one file under ``svd_scale/methods/``) subclasses :class:`AdapterLa
 and declares, in one place, the role of every tensor it adds:
 
 * ``TRAINABLE`` -- fp32 ``nn.Parameter`` with ``requires_grad``; saved in the adapter.
+  (float64 in a float64 model, which the exactness tests use.)
 * ``FACTOR``    -- frozen parameter used by ``forward`` (e.g. ``U_r``, ``V_r``); saved.
 * ``INIT``      -- frozen parameter *not* used by ``forward``: the initial values that
   were subtracted from ``W`` (e.g. ``sigma0``). Saved, so that loading an adapter
-  rebuilds the residual as ``W - removed(...)`` bit-for-bit, without an SVD.
+  rebuilds the residual as ``W - removed(...)`` bit-for-bit, without an SVD. Stored
+  in the trainables' dtype: ``sigma0`` must equal the initial ``sigma`` exactly, or
+  the init of a bf16 model would be off by bf16's rounding of the top singular values.
 
 Frozen tensors are parameters (not buffers) because ZeRO-3 and FSDP shard
 parameters only. Freezing, saving and tests all derive from ``roles``.
@@ -70,9 +73,10 @@ class AdapterLayer(nn.Module):
         self.out_features, self.in_features = logical_shape(base_layer)
         self.rank = rank
         self.opts = dict(opts)
+        master = torch.float64 if factor_dtype == torch.float64 else torch.float32
         for name, shape in self.shapes(self.out_features, self.in_features, rank, self.opts).items():
             role = self.roles[name]
-            dtype = torch.float32 if role is Role.TRAINABLE else factor_dtype
+            dtype = factor_dtype if role is Role.FACTOR else master
             p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=role is Role.TRAINABLE)
             self.register_parameter(name, p)
 
@@ -105,8 +109,9 @@ class AdapterLayer(nn.Module):
     def tensors(self, roles: tuple = (Role.TRAINABLE, Role.FACTOR, Role.INIT)) -> dict[str, nn.Parameter]:
         return {n: getattr(self, n) for n, r in self.roles.items() if r in roles}
 
-    def fp32_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.float() for n, p in self.tensors().items()}
+    def fp32_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every declared tensor in the math dtype (fp32; float64 in exactness tests)."""
+        return {n: p.to(dtype) for n, p in self.tensors().items()}
 
     def extra_repr(self) -> str:
         return f"method={self.method}, rank={self.rank}, in={self.in_features}, out={self.out_features}"

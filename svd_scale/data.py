@@ -1,0 +1,107 @@
+"""Data: prompt/completion records -> tokenized examples with loss on the completion.
+
+Sources:
+* a JSONL or CSV file with ``prompt`` and ``completion`` columns (loss on the
+  completion only) or a ``text`` column (loss on every token), read with ``datasets``;
+* ``builtin:rotten_tomatoes`` / ``builtin:plot_vs_review`` (see ``svd_scale.builtin``).
+
+Built-in data gets a fixed split that does not depend on the training seed:
+``test`` (never used for tuning), ``validation`` (for picking learning rates) and
+``train``. A user file is held out against ``eval_data`` if given, else against a
+fixed 5% (at most 500 examples) of itself.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import builtin
+
+SPLIT_SEED = 1234
+TEST_SIZE = 500
+VAL_SIZE = 500
+
+
+@dataclass
+class Splits:
+    train: list
+    validation: list
+    test: list
+
+
+def _read_file(path: str) -> list[dict]:
+    import datasets
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(p.suffix.lower())
+    if kind is None:
+        raise ValueError(f"data file {path!r}: expected .jsonl, .json or .csv")
+    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    cols = set(ds.column_names)
+    if not ({"prompt", "completion"} <= cols or "text" in cols):
+        raise ValueError(f"{path}: needs 'prompt' and 'completion' columns, or a 'text' column; found {sorted(cols)}")
+    return ds.to_list()
+
+
+def load_splits(spec: str, eval_spec: Optional[str] = None) -> Splits:
+    if spec.startswith(builtin.BUILTIN_PREFIX):
+        key = spec[len(builtin.BUILTIN_PREFIX):]
+        if key not in builtin.BUILTIN_DATA:
+            raise ValueError(f"unknown built-in data {spec!r}; known: {[builtin.BUILTIN_PREFIX + k for k in builtin.BUILTIN_DATA]}")
+        records = builtin.BUILTIN_DATA[key][0]()
+        random.Random(SPLIT_SEED).shuffle(records)
+        return Splits(records[TEST_SIZE + VAL_SIZE:], records[TEST_SIZE:TEST_SIZE + VAL_SIZE], records[:TEST_SIZE])
+    records = _read_file(spec)
+    if eval_spec:
+        return Splits(records, [], _read_file(eval_spec))
+    random.Random(SPLIT_SEED).shuffle(records)
+    n = min(500, max(1, len(records) // 20))
+    return Splits(records[n:], [], records[:n])
+
+
+def encode(record: dict, tok, max_length: int) -> dict:
+    """Token ids and labels; labels are -100 on the prompt so the loss is on the completion."""
+    if "prompt" in record and record.get("completion") is not None:
+        p = tok(record["prompt"], add_special_tokens=True)["input_ids"]
+        c = tok(record["completion"], add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            c = c + [tok.eos_token_id]
+        ids = (p + c)[:max_length]
+        labels = ([-100] * len(p) + c)[:max_length]
+    else:
+        ids = tok(record["text"], add_special_tokens=True)["input_ids"][:max_length]
+        labels = list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenized_dataset(records: list, tok, max_length: int):
+    import datasets
+
+    enc = [encode(r, tok, max_length) for r in records]
+    enc = [e for e in enc if any(l != -100 for l in e["labels"])]
+    return datasets.Dataset.from_list(enc)
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch; padded positions are masked and ignored by the loss."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

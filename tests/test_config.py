@@ -1,0 +1,51 @@
+"""Config parsing, overrides and validation; every shipped config must load."""
+from pathlib import Path
+
+import pytest
+
+from svd_scale.config import AdapterConfig, TrainConfig, describe, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert cfg.adapter.rank > 0 and cfg.train.max_steps > 0
+
+
+def test_overrides_dotted_and_short(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/quickstart.yaml", ("adapter.rank=16", "lr=3e-3", "method=svd_scale", "target_modules=[q_proj,v_proj]"))
+    assert cfg.adapter.rank == 16 and cfg.train.lr == 3e-3 and cfg.adapter.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("adapter.rnak=4", r"unknown adapter key\(s\) \['rnak'\]"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("method=nope", "unknown adapter method 'nope'; available"),
+    ("svd=qr", r"adapter.svd must be one of \['full', 'randomized'\], got 'qr'"),
+    ("train.precision=fp8", "train.precision must be one of"),
+    ("train.lr=-1", "train.lr must be a positive number"),
+    ("adapter.gamma=0.1", r"adapter.gamma is not used by method 'svd_scale'"),
+    ("adapter.scale=rows", "adapter.scale must be 'output' or 'none'"),
+    ("train.deepspeed=missing.json", "train.deepspeed: no such file 'missing.json'"),
+    ("rank", "is not key=value"),
+])
+def test_bad_values_are_named(override, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=message):
+        load_config("configs/quickstart.yaml", (override,))
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_describe_lists_every_field():
+    text = describe()
+    for cls, prefix in ((AdapterConfig, "adapter."), (TrainConfig, "train.")):
+        for name in cls.__dataclass_fields__:
+            assert f"{prefix}{name} = " in text

@@ -1,0 +1,193 @@
+"""Parity and invariants of the svd_scale adapter on real module types (single process)."""
+import pytest
+import torch
+from torch import nn
+
+import svd_scale
+from svd_scale import AdapterConfig, Role
+from svd_scale.layer import AdapterLayer
+from conftest import tiny_gpt2, tiny_llama
+
+
+def _perturb(model, seed=5):
+    """Stand-in for training: move every trainable away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 1e-3))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize("algorithm", ["full", "randomized"])
+def test_output_equals_base_at_init(make, algorithm, tokens):
+    base = make()
+    ref = base(tokens).logits
+    model = svd_scale.apply(make(), AdapterConfig(rank=8, svd=algorithm))
+    assert sum(1 for _ in svd_scale.adapter_layers(model)) > 0
+    torch.testing.assert_close(model(tokens).logits, ref, atol=2e-5, rtol=0)
+
+
+def test_output_equals_base_in_float64(tokens):
+    """With float64 weights the split W = W_res + U diag(s) V^T is exact to ~1e-12."""
+    ref = tiny_llama().double()(tokens).logits
+    model = svd_scale.apply(tiny_llama().double(), AdapterConfig(rank=8, svd="full"))
+    torch.testing.assert_close(model(tokens).logits, ref, atol=1e-10, rtol=0)
+
+
+def test_real_smollm2_logits_unchanged_at_init(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    x = torch.tensor([[1, 504, 3301, 314, 253, 1345, 28, 2724, 30]])
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = base(x).logits
+        model = svd_scale.apply(base, AdapterConfig(rank=32))
+        out = model(x).logits
+    assert sum(1 for _ in svd_scale.adapter_layers(model)) == 30 * 7  # all seven projections, no lm_head
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-4)
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_default_targets_skip_head_and_embeddings(llama):
+    svd_scale.apply(llama, AdapterConfig(rank=4))
+    names = {n.split(".")[-1] for n, _ in svd_scale.adapter_layers(llama)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert isinstance(llama.lm_head, nn.Linear) and not isinstance(llama.lm_head, AdapterLayer)
+
+
+def test_only_sigma_and_scale_get_gradients(llama, tokens):
+    svd_scale.apply(llama, AdapterConfig(rank=4, target_modules=["q_proj", "down_proj"]))
+    llama.train()
+    llama(tokens, labels=tokens).loss.backward()
+    got = {n for n, p in llama.named_parameters() if p.grad is not None}
+    expected = {f"{n}.{t}" for n, l in svd_scale.adapter_layers(llama) for t in ("sigma", "scale")}
+    assert got == expected
+    assert all(llama.get_parameter(n).grad.abs().sum() > 0 for n in expected)
+    assert {n for n, p in llama.named_parameters() if p.requires_grad} == expected
+
+
+def test_trainables_fp32_in_a_bf16_model(tokens):
+    model = svd_scale.apply(tiny_llama().to(torch.bfloat16), AdapterConfig(rank=4))
+    for _, layer in svd_scale.adapter_layers(model):
+        assert layer.sigma.dtype == torch.float32 and layer.scale.dtype == torch.float32
+        assert layer.U.dtype == torch.bfloat16 and layer.base_layer.weight.dtype == torch.bfloat16
+        assert layer.sigma0.dtype == torch.float32 and torch.equal(layer.sigma, layer.sigma0)
+    model.train()
+    out = model(tokens, labels=tokens)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    _, layer = next(svd_scale.adapter_layers(model))
+    assert layer.sigma.grad.dtype == torch.float32
+
+
+def test_parameter_counts(llama):
+    total_before = sum(p.numel() for p in llama.parameters())
+    svd_scale.apply(llama, AdapterConfig(rank=4))
+    trainable, total = svd_scale.parameter_counts(llama)
+    layers = list(svd_scale.adapter_layers(llama))
+    assert trainable == sum(l.rank + l.out_features for _, l in layers)
+    extra = sum(l.rank * (l.out_features + l.in_features) + 2 * l.rank + l.out_features for _, l in layers)
+    assert total == total_before + extra
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_save_load_round_trip_is_exact(make, tokens, tmp_path):
+    model = svd_scale.apply(make(), AdapterConfig(rank=6))
+    _perturb(model)
+    expected = model(tokens).logits
+    svd_scale.save_adapter(model, str(tmp_path / "ad"))
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    from safetensors.torch import load_file
+    state = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
+    # a fresh base, and an SVD that must not run: loading reuses the saved factors
+    fresh = make()
+    import svd_scale.svd as S
+    orig = S.decompose
+    S.decompose = lambda *a, **k: (_ for _ in ()).throw(AssertionError("load_adapter must not run an SVD"))
+    try:
+        loaded = svd_scale.load_adapter(fresh, str(tmp_path / "ad"))
+    finally:
+        S.decompose = orig
+    assert torch.equal(loaded(tokens).logits, expected)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
+           {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_load_onto_a_mismatched_base_fails_clearly(tmp_path, tokens):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = svd_scale.apply(tiny_llama(), AdapterConfig(rank=4))
+    svd_scale.save_adapter(model, str(tmp_path / "ad"))
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: adapter expects 64x64, base has 32x32"):
+        svd_scale.load_adapter(other, str(tmp_path / "ad"))
+    assert not any(True for _ in svd_scale.adapter_layers(other))  # nothing changed
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_merge_matches_and_is_idempotent(make, tokens, tmp_path):
+    model = svd_scale.apply(make(), AdapterConfig(rank=6))
+    _perturb(model)
+    expected = model(tokens).logits
+    merged = svd_scale.merge_and_unload(model)
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+    assert not hasattr(merged, "svd_scale_config")
+    torch.testing.assert_close(merged(tokens).logits, expected, atol=2e-5, rtol=0)
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    again = svd_scale.merge_and_unload(merged)
+    assert again is merged and all(torch.equal(before[k], v) for k, v in again.state_dict().items())
+    # plain transformers loads what save_pretrained writes
+    merged.save_pretrained(tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(plain(tokens).logits, expected, atol=2e-5, rtol=0)
+
+
+def test_merge_with_bias_matches(tokens):
+    """Bias stays outside the scale: s * (W_res x + d) + b. GPT-2 layers have biases."""
+    model = svd_scale.apply(tiny_gpt2(), AdapterConfig(rank=6))
+    _perturb(model, seed=9)
+    _, layer = next(svd_scale.adapter_layers(model))
+    assert layer.base_layer.bias is not None
+    x = torch.randn(3, layer.in_features)
+    # float64 reference of the layer's formula
+    t = {k: v.double() for k, v in layer.fp32_tensors().items()}
+    W_res = layer.base_layer.weight.double().T
+    ref = t["scale"] * (x.double() @ W_res.T + x.double() @ ((t["U"] * t["sigma"]) @ t["Vh"]).T) + layer.base_layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=0)
+
+
+def test_bad_targets_and_ranks_fail_before_any_work(llama, monkeypatch):
+    import svd_scale.svd as S
+    monkeypatch.setattr(S, "decompose", lambda *a, **k: pytest.fail("an SVD ran before validation"))
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no linear layer.*candidate names: \['down_proj', 'gate_proj'"):
+        svd_scale.apply(llama, AdapterConfig(rank=4, target_modules=["q_proj", "qkv"]))
+    with pytest.raises(ValueError, match=r"rank=33 does not fit layer 'model.layers.0.self_attn.k_proj' \(32x64\)"):
+        svd_scale.apply(llama, AdapterConfig(rank=33))
+    with pytest.raises(ValueError, match="regex"):
+        svd_scale.apply(llama, AdapterConfig(rank=4, target_modules=r".*nothing.*"))
+    assert not any(isinstance(m, AdapterLayer) for m in llama.modules())
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="adapter.rank must be a positive integer"):
+            AdapterConfig(rank=bad)
+
+
+def test_apply_twice_is_refused(llama):
+    svd_scale.apply(llama, AdapterConfig(rank=4))
+    with pytest.raises(ValueError, match="already has svd_scale adapters"):
+        svd_scale.apply(llama, AdapterConfig(rank=4))
+
+
+def test_roles_drive_trainability():
+    from svd_scale.methods import METHODS
+    for name, cls in METHODS.items():
+        assert set(cls.roles.values()) <= set(Role), name
+
+
+def test_import_does_not_pull_deepspeed_or_bitsandbytes():
+    import subprocess, sys
+    code = "import sys, svd_scale; print('deepspeed' in sys.modules, 'bitsandbytes' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

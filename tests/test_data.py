@@ -1,0 +1,51 @@
+"""Tokenization puts the loss on the completion; the built-in split is fixed."""
+import json
+
+import torch
+
+from svd_scale.data import Collator, encode, load_splits
+
+
+class _Tok:
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [10 + (ord(c) % 50) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_prompt_is_masked_and_completion_is_learned():
+    e = encode({"prompt": "ab", "completion": "c"}, _Tok(), 64)
+    assert e["input_ids"] == [1, 10 + ord("a") % 50, 10 + ord("b") % 50, 10 + ord("c") % 50, 2]
+    assert e["labels"] == [-100, -100, -100, 10 + ord("c") % 50, 2]
+    t = encode({"text": "ab"}, _Tok(), 64)
+    assert t["labels"] == t["input_ids"]
+    assert len(encode({"prompt": "abcdef", "completion": "g"}, _Tok(), 4)["input_ids"]) == 4
+
+
+def test_collator_pads_and_masks():
+    b = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_builtin_split_is_fixed_and_disjoint():
+    a, b = load_splits("builtin:rotten_tomatoes"), load_splits("builtin:rotten_tomatoes")
+    assert [r["prompt"] for r in a.test] == [r["prompt"] for r in b.test]
+    assert len(a.test) == 500 and len(a.validation) == 500 and len(a.train) > 10000
+    test = {r["prompt"] for r in a.test}
+    assert not test & {r["prompt"] for r in a.train} and not test & {r["prompt"] for r in a.validation}
+    assert {r["completion"] for r in a.test} == {" positive", " negative"}
+
+
+def test_jsonl_file_and_bad_columns(tmp_path):
+    import pytest
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) for i in range(40)))
+    s = load_splits(str(p))
+    assert len(s.train) + len(s.test) == 40 and len(s.test) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}))
+    with pytest.raises(ValueError, match=r"needs 'prompt' and 'completion' columns.*\['question'\]"):
+        load_splits(str(bad))
