@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def _trainer_class():
 
         def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
-            save_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, "adapter"))
+            save_any_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, "adapter"))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
@@ -61,6 +61,16 @@ def _trainer_class():
                         p.data.copy_(state[f"{name}.{t}"].to(p.dtype))
 
     return SVDTrainer
+
+
+def save_any_adapter(model: nn.Module, directory: str) -> None:
+    """svd_scale adapters through save_adapter; a PEFT baseline through its own save_pretrained."""
+    from .inject import adapter_layers
+
+    if any(True for _ in adapter_layers(model)):
+        save_adapter(model, directory)
+    elif hasattr(model, "peft_config"):
+        model.save_pretrained(directory)
 
 
 def load_model_and_tokenizer(cfg: RunConfig):
@@ -98,9 +108,8 @@ def training_arguments(cfg: RunConfig, **extra):
         save_steps=t.save_steps or 500,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=t.precision == "bf16",
+        bf16=t.precision == "bf16" and not extra.get("deepspeed"),  # DeepSpeed: torch_autocast in its config
         gradient_checkpointing=t.gradient_checkpointing,
-        deepspeed=t.deepspeed if t.resolved_engine() == "deepspeed" else None,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         remove_unused_columns=False,
@@ -110,39 +119,87 @@ def training_arguments(cfg: RunConfig, **extra):
     )
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` with an adapter; return (and write) metrics."""
+def _deepspeed_config(cfg: RunConfig) -> dict:
+    """The user's DeepSpeed JSON with the run's precision applied: bf16 runs in DeepSpeed's
+    ``torch_autocast`` mode (parameters keep their dtypes: frozen base bf16, trainables
+    fp32 in the module and the optimizer); fp32 runs turn autocast off."""
+    from .distributed import read_ds_config
+
+    ds = read_ds_config(cfg.train.deepspeed)
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled") in (True, "auto"):
+            raise ValueError(f"{cfg.train.deepspeed}: '{key}.enabled' would cast the fp32 trainables to 16 bit; "
+                             "svd_scale uses 'torch_autocast' instead (set train.precision=bf16)")
+        ds.pop(key, None)
+    ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
+    return ds
+
+
+def _eval_callback(tok, test: list, metrics: dict, resume: bool):
+    """Held-out accuracy at the start (adapter at init == base model) and end of training.
+    A callback, because under ZeRO-3 the model can run forward only once the engine exists."""
+    from transformers import TrainerCallback
+
+    class EvalCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if test and not resume and "accuracy_before" not in metrics:
+                metrics["accuracy_before"] = choice_accuracy(model, tok, test)
+                _say(f"held-out accuracy at init (= base model): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            if test:
+                metrics["accuracy_after"] = choice_accuracy(model, tok, test)
+                _say(f"held-out accuracy after training:         {_pct(metrics['accuracy_after'])} on {len(test)} examples")
+
+    return EvalCallback()
+
+
+def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with an adapter; return (and write) metrics.
+
+    ``adapt(model) -> model`` replaces ``svd_scale.apply`` (benchmarks use it to run
+    the real PEFT library through the very same data, loop and evaluation)."""
+    from .distributed import access_for, zero3_loading
+
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.eval_data)
-    args = training_arguments(cfg)  # creates the DeepSpeed config object before the model is built (zero.Init)
-    model, tok = load_model_and_tokenizer(cfg)
+    engine = cfg.train.resolved_engine()
+    ds = _deepspeed_config(cfg) if engine == "deepspeed" else None
+    if ds is not None:
+        import deepspeed
+
+        deepspeed.init_distributed()  # deepspeed.comm must be up before zero.Init reads the world size
+    args = training_arguments(cfg, deepspeed=ds)
+    _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
+    zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage") == 3
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else _nullcontext():
+        model, tok = load_model_and_tokenizer(cfg)  # under ZeRO-3: built partitioned
     test = splits.test[: cfg.train.eval_examples]
-    metrics: dict = {"model": cfg.model, "data": cfg.data, "method": cfg.adapter.method, "rank": cfg.adapter.rank}
-    if test and cfg.train.eval_before:
-        metrics["accuracy_before"] = choice_accuracy(model, tok, test)
-        _say(f"held-out accuracy before training: {_pct(metrics['accuracy_before'])} on {len(test)} examples")
+    metrics: dict = {"model": cfg.model, "data": cfg.data, "method": cfg.adapter.method if adapt is None else "custom",
+                     "rank": cfg.adapter.rank, "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
+                     "lr": cfg.train.lr, "engine": engine,
+                     "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
     t_init = time.time()
-    apply(model, cfg.adapter, seed=cfg.train.seed)
+    model = adapt(model) if adapt else apply(model, cfg.adapter, access=access_for(model), seed=cfg.train.seed)
     metrics["init_seconds"] = round(time.time() - t_init, 2)
     metrics["trainable_params"], metrics["total_params"] = parameter_counts(model)
-    _say(f"adapter: {cfg.adapter.method} r={cfg.adapter.rank}, trainable {metrics['trainable_params']:,} of "
+    _say(f"adapter: {metrics['method']} r={cfg.adapter.rank}, trainable {metrics['trainable_params']:,} of "
          f"{metrics['total_params']:,} ({100 * metrics['trainable_params'] / metrics['total_params']:.3f}%), "
          f"init {metrics['init_seconds']} s")
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     train_ds = tokenized_dataset(splits.train, tok, cfg.train.max_length)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id),
+                               callbacks=[_eval_callback(tok, test, metrics, resume)])
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=_latest_checkpoint(cfg.train.output_dir) if resume else None)
     metrics["train_seconds"] = round(time.time() - t_train, 1)
     metrics["train_loss"] = result.training_loss
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     out = Path(cfg.train.output_dir)
-    save_adapter(model, str(out / "adapter"))
-    if test:
-        metrics["accuracy_after"] = choice_accuracy(model, tok, test)
-        _say(f"held-out accuracy after training:  {_pct(metrics['accuracy_after'])} on {len(test)} examples")
+    save_any_adapter(model, str(out / "adapter"))  # collective under ZeRO-3
     metrics["total_seconds"] = round(time.time() - t0, 1)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +207,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         _say(f"adapter saved to {out / 'adapter'}; metrics in {out / 'metrics.json'}")
     return metrics
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _latest_checkpoint(output_dir: str) -> Optional[str]:
