@@ -194,10 +194,15 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id),
                                callbacks=[_eval_callback(tok, test, metrics, resume)])
     t_train = time.time()
-    result = trainer.train(resume_from_checkpoint=_latest_checkpoint(cfg.train.output_dir) if resume else None)
+    checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None
+    if checkpoint:
+        metrics["resumed_from"] = checkpoint
+        _say(f"resuming from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics["train_seconds"] = round(time.time() - t_train, 1)
     metrics["train_loss"] = result.training_loss
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    metrics["dtypes"] = _dtypes(model, trainer.optimizer)
     out = Path(cfg.train.output_dir)
     save_any_adapter(model, str(out / "adapter"))  # collective under ZeRO-3
     metrics["total_seconds"] = round(time.time() - t0, 1)
@@ -207,6 +212,24 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         _say(f"adapter saved to {out / 'adapter'}; metrics in {out / 'metrics.json'}")
     return metrics
+
+
+def _dtypes(model: nn.Module, optimizer) -> dict:
+    """dtypes of trainable and frozen parameters and of the optimizer's master copies:
+    the fp32 contract made visible in every run's metrics."""
+    masters, inner = [], optimizer
+    while inner is not None:  # accelerate wrapper -> DeepSpeed ZeRO-3 optimizer -> torch optimizer
+        if hasattr(inner, "fp32_partitioned_groups_flat"):  # ZeRO-3 keeps masters here between steps
+            masters = list(inner.fp32_partitioned_groups_flat)
+            break
+        masters = [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
+        nxt = getattr(inner, "optimizer", None)
+        inner = nxt if nxt is not inner else None
+    return {
+        "trainable": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+        "frozen": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
+        "optimizer": sorted({str(p.dtype) for p in masters}),
+    }
 
 
 def _nullcontext():

@@ -1,0 +1,94 @@
+"""One multi-rank ZeRO-3 job that runs every distributed check, so CI pays the launcher's
+start-up once per world size. Launched by tests/test_zero3.py:
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus N tests/dist/zero3_job.py --model DIR --out DIR [--train] [--resume] [--bf16]
+
+It only records facts (files under --out); the assertions live in the pytest file.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import svd_scale  # noqa: E402
+from svd_scale.config import load_config  # noqa: E402
+from svd_scale.distributed import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
+from svd_scale.io import adapter_state_dict  # noqa: E402
+from svd_scale.training import run  # noqa: E402
+
+DS = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+      "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+
+
+def init_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
+    with zero3_loading(DS, torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base_local, base_total = local_shard_numel(model)
+    access = ZeRO3Access(max_group=2)
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"), access=access)
+    state = adapter_state_dict(model)  # collective gather of every adapter tensor
+    save_file(state, str(out / f"init_rank{rank}.safetensors"))
+    engine, *_ = deepspeed.initialize(model=model, config=DS)
+    local, total = local_shard_numel(model)
+    x = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
+    with torch.no_grad():
+        logits = engine(input_ids=x).logits.float()
+        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=x).logits
+    weights = [l.base_layer.weight.ds_numel for _, l in svd_scale.adapter_layers(model)]
+    facts = {"world": world, "base_local": base_local, "base_total": base_total, "local": local, "total": total,
+             "peak_gathered_numel": access.peak_gathered_numel, "max_group": 2, "max_weight_numel": max(weights),
+             "model_weight_numel": sum(p.ds_numel for p in model.parameters()),
+             "max_abs_logit_diff_vs_base": float((logits - plain).abs().max())}
+    (out / f"init_rank{rank}.json").write_text(json.dumps(facts))
+    engine.destroy()
+
+
+def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> None:
+    common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
+              "train.batch_size=2", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
+    run_dir = out / "train"
+    run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")))
+    if resume:  # stop after step 5: drop the later checkpoint, then --resume
+        if dist.get_rank() == 0:
+            shutil.copytree(run_dir / "adapter", out / "adapter_uninterrupted")
+            shutil.copy(run_dir / "metrics.json", out / "metrics_uninterrupted.json")
+            shutil.rmtree(run_dir / "checkpoint-10")
+        dist.barrier()
+        run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
+    if bf16:
+        run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", f"train.output_dir={out / 'bf16'}")))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=-1)
+    a = ap.parse_args()
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init_checks(a.model, out, rank, world)
+    if a.train:
+        train(a.model, out, world, a.resume, a.bf16)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
