@@ -21,7 +21,7 @@ from torch import nn
 
 from . import svd as svdlib
 from .config import AdapterConfig
-from .layer import AdapterLayer, Role, is_conv1d, is_linear_like, logical_shape
+from .layer import AdapterLayer, Role, TrainingState, is_conv1d, is_linear_like, logical_shape
 from .methods import get_method, resolve_options
 
 log = logging.getLogger("svd_scale")
@@ -96,7 +96,7 @@ def factor_dtype_for(cfg: AdapterConfig, base: nn.Module) -> torch.dtype:
 def wrap(model: nn.Module, targets, cfg: AdapterConfig, ranks: Optional[dict] = None) -> list[tuple[str, AdapterLayer]]:
     """Replace each target by an (uninitialized) adapter layer; return them in model order."""
     cls = get_method(cfg.method)
-    opts = resolve_options(cfg)
+    opts = {**resolve_options(cfg), "config_rank": cfg.rank}  # the configured r, before any pruning
     layers = []
     for name, m in targets:
         r = (ranks or {}).get(name, cfg.rank)
@@ -195,6 +195,12 @@ def initialize(layers: list[tuple[str, AdapterLayer]], cfg: AdapterConfig, acces
 
 
 # ----------------------------------------------------------------------------- freezing, counts
+def attach_training_state(model: nn.Module, layers) -> None:
+    attach = getattr(type(layers[0][1]), "attach", None) if layers else None
+    if attach is not None:
+        attach(model, layers)
+
+
 def mark_trainable(model: nn.Module) -> None:
     """Freeze everything; then unfreeze exactly the tensors whose declared role is TRAINABLE."""
     for p in model.parameters():
@@ -202,6 +208,10 @@ def mark_trainable(model: nn.Module) -> None:
     for _, layer in adapter_layers(model):
         for p in layer.tensors((Role.TRAINABLE,)).values():
             p.requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, TrainingState):
+            for p in m.parameters():
+                p.requires_grad_(True)
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -233,6 +243,7 @@ def apply(model: nn.Module, cfg: Optional[AdapterConfig] = None, *, access: Opti
     check_ranks(targets, cfg.rank, get_method(cfg.method))
     layers = wrap(model, targets, cfg)
     initialize(layers, cfg, access=access, seed=seed)
+    attach_training_state(model, layers)
     mark_trainable(model)
     model.svd_scale_config = cfg
     trainable, total = parameter_counts(model)

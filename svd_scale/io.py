@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import (WeightAccess, adapter_layers, check_ranks, compute_dtype, find_targets, from_out_in, mark_trainable,
+from .inject import (WeightAccess, adapter_layers, attach_training_state, check_ranks, compute_dtype, find_targets, from_out_in, mark_trainable,
                      to_out_in, wrap)
-from .layer import is_linear_like, logical_shape
+from .layer import TrainingState, is_linear_like, logical_shape
 from .methods import get_method
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,14 +47,32 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Under ZeRO-3/FSDP2 every rank must call this: it gathers."""
     out = {}
     for name, layer in adapter_layers(model):
-        for t, p in layer.tensors().items():
-            out[f"{name}.{t}"] = _full_value(p).contiguous().clone()
+        t = {k: _full_value(p).contiguous().clone() for k, p in layer.tensors().items()}
+        export = getattr(type(layer), "export", None)
+        if export is not None:
+            t = export(t, layer.opts)
+        out.update({f"{name}.{k}": v.contiguous() for k, v in t.items()})
     return out
 
 
-def _adapter_meta(model: nn.Module) -> dict:
+def _saved_rank(layer, name: str, state: dict) -> int:
+    """The rank of a layer's tensors as saved: find an axis that grows with r in the
+    method's declared shapes and read its size."""
+    a = type(layer).shapes(layer.out_features, layer.in_features, 2, layer.opts)
+    b = type(layer).shapes(layer.out_features, layer.in_features, 3, layer.opts)
+    for t in a:
+        axes = [i for i, (x, y) in enumerate(zip(a[t], b[t])) if x != y]
+        if axes:
+            return int(state[f"{name}.{t}"].shape[axes[0]])
+    return layer.rank
+
+
+def _adapter_meta(model: nn.Module, state: dict) -> dict:
     cfg: AdapterConfig = model.svd_scale_config
-    layers = {n: {"rank": l.rank, "shape": [l.out_features, l.in_features]} for n, l in adapter_layers(model)}
+    layers = {}
+    for n, l in adapter_layers(model):
+        rank = _saved_rank(l, n, state)  # an export (SaLoRA) may have pruned components
+        layers[n] = {"rank": int(rank), "shape": [l.out_features, l.in_features]}
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base}
 
@@ -76,7 +94,7 @@ def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(_adapter_meta(model), indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(_adapter_meta(model, state), indent=2))
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -121,6 +139,7 @@ def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAcc
     targets = [(n, modules[n]) for n in layers_meta]
     ranks = {n: int(i["rank"]) for n, i in layers_meta.items()}
     layers = wrap(model, targets, cfg, ranks=ranks)
+    attach_training_state(model, layers)
     for name, layer in layers:
         for t, p in layer.tensors().items():
             key = f"{name}.{t}"
@@ -145,6 +164,12 @@ def merged_weight(layer) -> torch.Tensor:
     return W
 
 
+def _set_module_none(model: nn.Module, name: str) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    delattr(parent, child)
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weight and remove the adapters, giving
     the plain model class back (``nn.Linear``/``Conv1D`` layers, loadable by plain
@@ -159,4 +184,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _set_module(model, name, base)
     if hasattr(model, "svd_scale_config"):
         del model.svd_scale_config
+    for name, m in list(model.named_modules()):
+        if isinstance(m, TrainingState):
+            _set_module_none(model, name)
     return model

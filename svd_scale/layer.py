@@ -55,6 +55,11 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
+class TrainingState(nn.Module):
+    """Model-level state a method trains but never saves in the adapter (e.g. SaLoRA's
+    Lagrange multipliers). Its parameters are trainable; merge removes it."""
+
+
 class AdapterLayer(nn.Module):
     """Base of every method's layer. Subclasses define the class attributes and the
     four pure pieces: ``shapes``, ``init`` (from the SVD), ``removed`` and ``merge``."""
@@ -104,6 +109,10 @@ class AdapterLayer(nn.Module):
     def regularizer(self) -> Optional[torch.Tensor]:
         """This layer's term of the method's extra loss (None: no extra loss)."""
         return None
+
+    # Optional class-level hooks (see salora.py): ``attach(model, layers)`` adds model-level
+    # TrainingState after init; ``model_regularizer(model, layers)`` returns a loss term over
+    # all layers; ``export(t, opts)`` maps a layer's tensors to what the adapter file keeps.
 
     # ----- shared machinery -------------------------------------------------------
     def tensors(self, roles: tuple = (Role.TRAINABLE, Role.FACTOR, Role.INIT)) -> dict[str, nn.Parameter]:

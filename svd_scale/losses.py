@@ -2,7 +2,7 @@
 
 ``regularization_loss(model)`` sums every adapter layer's ``regularizer()`` and
 divides by the number of layers that have one (METHODS.md: SORSA's term is averaged
-over layers). The Trainer in ``svd_scale.training`` adds it to the task loss; a
+over layers), plus a method's model-level term if it has one (SaLoRA's rank budget). The Trainer in ``svd_scale.training`` adds it to the task loss; a
 user's own loop does ``loss = task_loss + svd_scale.regularization_loss(model)``.
 """
 from __future__ import annotations
@@ -16,7 +16,11 @@ from torch import nn
 def regularization_loss(model: nn.Module) -> Optional[torch.Tensor]:
     from .inject import adapter_layers
 
-    terms = [t for _, layer in adapter_layers(model) if (t := layer.regularizer()) is not None]
-    if not terms:
-        return None
-    return torch.stack([t.float() for t in terms]).sum() / len(terms)
+    layers = list(adapter_layers(model))
+    terms = [t for _, layer in layers if (t := layer.regularizer()) is not None]
+    total = torch.stack([t.float() for t in terms]).sum() / len(terms) if terms else None
+    model_term = getattr(type(layers[0][1]), "model_regularizer", None) if layers else None
+    extra = model_term(model, layers) if model_term is not None else None
+    if extra is not None:
+        total = extra if total is None else total + extra
+    return total

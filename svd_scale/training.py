@@ -27,6 +27,7 @@ from .evaluate import choice_accuracy
 from .inject import apply, parameter_counts
 from .io import WEIGHTS_NAME, save_adapter
 from .losses import regularization_loss
+from .methods.salora import set_progress
 
 log = logging.getLogger("svd_scale")
 
@@ -145,6 +146,9 @@ def _eval_callback(tok, test: list, metrics: dict, resume: bool):
             if test and not resume and "accuracy_before" not in metrics:
                 metrics["accuracy_before"] = choice_accuracy(model, tok, test)
                 _say(f"held-out accuracy at init (= base model): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            set_progress(model, state.global_step / max(1, state.max_steps))  # SaLoRA's budget schedule
 
         def on_train_end(self, args, state, control, model=None, **kw):
             if test:

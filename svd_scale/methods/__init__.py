@@ -7,7 +7,13 @@ saving, merging and distributed init as the built-in ones.
 from __future__ import annotations
 
 from ..layer import AdapterLayer
+from .kasa import KaSALayer
+from .lora import LoRALayer
+from .pissa import PiSSALayer
+from .salora import SaLoRALayer
+from .sorsa import SORSALayer
 from .svd_scale import SVDScaleLayer
+from .svfit import SVFitLayer
 
 METHODS: dict[str, type[AdapterLayer]] = {}
 OPTION_FIELDS = ("scale", "alpha", "gamma", "beta", "budget")
@@ -18,7 +24,7 @@ def register_method(cls: type[AdapterLayer]) -> type[AdapterLayer]:
     return cls
 
 
-for _cls in (SVDScaleLayer,):
+for _cls in (SVDScaleLayer, SVFitLayer, SORSALayer, KaSALayer, SaLoRALayer, PiSSALayer, LoRALayer):
     register_method(_cls)
 
 
