@@ -111,6 +111,17 @@ def _broadcast(p: torch.Tensor, src: int) -> None:
         dist.broadcast(p.data, src=src)
 
 
+def register_external(module: torch.nn.Module, params: list) -> None:
+    """Under ZeRO-3, let ``module``'s forward read ``params`` owned by other modules
+    (DeepSpeed gathers them around that forward). A no-op for unsharded models."""
+    if not params or not any(is_zero3_param(p) for p in params):
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
+
+
 def access_for(model: torch.nn.Module) -> Optional[WeightAccess]:
     """The WeightAccess that fits how ``model``'s weights are stored (None: plain tensors)."""
     return ZeRO3Access() if is_sharded(model) else None

@@ -196,9 +196,13 @@ def initialize(layers: list[tuple[str, AdapterLayer]], cfg: AdapterConfig, acces
 
 # ----------------------------------------------------------------------------- freezing, counts
 def attach_training_state(model: nn.Module, layers) -> None:
+    """A method's model-level state (SaLoRA's budget), then the regularizer module."""
+    from .losses import attach_regularizer
+
     attach = getattr(type(layers[0][1]), "attach", None) if layers else None
     if attach is not None:
         attach(model, layers)
+    attach_regularizer(model, layers)
 
 
 def mark_trainable(model: nn.Module) -> None:

@@ -1,9 +1,17 @@
 """The one mechanism by which a method's extra loss enters training.
 
-``regularization_loss(model)`` sums every adapter layer's ``regularizer()`` and
-divides by the number of layers that have one (METHODS.md: SORSA's term is averaged
-over layers), plus a method's model-level term if it has one (SaLoRA's rank budget). The Trainer in ``svd_scale.training`` adds it to the task loss; a
-user's own loop does ``loss = task_loss + svd_scale.regularization_loss(model)``.
+``regularization_loss(model)`` averages every adapter layer's ``regularizer()`` over
+the layers that have one (METHODS.md: SORSA's term is averaged over layers) and adds
+the method's model-level term if any (SaLoRA's rank budget). The Trainer in
+``svd_scale.training`` adds it to the task loss; a user's own loop does
+``loss = task_loss + svd_scale.regularization_loss(model)``.
+
+Why a module: under ZeRO-3 a parameter is only whole inside the forward of a module
+that owns it, and the regularizer reads the adapters' parameters *after* their layers
+ran. So the sum is the forward of :class:`Regularizer`, a small module attached to the
+model, and under ZeRO-3 every parameter it reads is registered as one of its
+"external parameters" (``deepspeed.zero.register_external_parameter``): DeepSpeed then
+gathers them for this forward and routes their gradients correctly in backward.
 """
 from __future__ import annotations
 
@@ -12,15 +20,50 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .layer import TrainingState
+
+
+class Regularizer(TrainingState):
+    """Computes the method's extra loss; holds no parameters of its own."""
+
+    def __init__(self, model: nn.Module, layers: list):
+        super().__init__()
+        # plain references, not submodules: the layers already live in the model's tree
+        self.__dict__["_model"] = model
+        self.__dict__["_layers"] = list(layers)
+
+    def read_parameters(self) -> list[nn.Parameter]:
+        params = [p for _, l in self._layers for p in l.parameters() if p.requires_grad]
+        params += [p for m in self._model.modules() if isinstance(m, TrainingState) and m is not self for p in m.parameters()]
+        return params
+
+    def forward(self) -> Optional[torch.Tensor]:
+        layers = self._layers
+        terms = [t for _, layer in layers if (t := layer.regularizer()) is not None]
+        total = torch.stack([t.float() for t in terms]).sum() / len(terms) if terms else None
+        model_term = getattr(type(layers[0][1]), "model_regularizer", None) if layers else None
+        extra = model_term(self._model, layers) if model_term is not None else None
+        if extra is not None:
+            total = extra if total is None else total + extra
+        return total
+
+
+def has_regularizer(layer_cls) -> bool:
+    from .layer import AdapterLayer
+
+    return layer_cls.regularizer is not AdapterLayer.regularizer or hasattr(layer_cls, "model_regularizer")
+
+
+def attach_regularizer(model: nn.Module, layers: list) -> None:
+    """Attach a Regularizer if the method has an extra loss (after all training state exists)."""
+    if not layers or not has_regularizer(type(layers[0][1])):
+        return
+    model.svd_scale_regularizer = Regularizer(model, layers)
+    from .distributed import register_external
+
+    register_external(model.svd_scale_regularizer, model.svd_scale_regularizer.read_parameters())
+
 
 def regularization_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    from .inject import adapter_layers
-
-    layers = list(adapter_layers(model))
-    terms = [t for _, layer in layers if (t := layer.regularizer()) is not None]
-    total = torch.stack([t.float() for t in terms]).sum() / len(terms) if terms else None
-    model_term = getattr(type(layers[0][1]), "model_regularizer", None) if layers else None
-    extra = model_term(model, layers) if model_term is not None else None
-    if extra is not None:
-        total = extra if total is None else total + extra
-    return total
+    reg = getattr(model, "svd_scale_regularizer", None)
+    return reg() if reg is not None else None

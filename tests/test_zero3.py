@@ -60,7 +60,7 @@ def _launch(n: int, model: str, out: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def world2(model_dir, tmp_path_factory):
-    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16")
+    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16", "--methods")
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,39 @@ def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
     assert "torch.bfloat16" in m["dtypes"]["frozen"]  # the base really is bf16
     state = load_file(str(out / "bf16" / "adapter" / "adapter.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
+
+
+@pytest.mark.parametrize("method", sorted(svd_scale.METHODS))
+def test_every_method_under_zero3_matches_one_process(world2, model_dir, method):
+    """Sharded init equals a single-process init; one ZeRO-3 SGD step over 2 ranks (one
+    sequence each, regularizer included) equals one single-process step on both sequences."""
+    from transformers import AutoModelForCausalLM
+    from svd_scale.io import adapter_state_dict
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import METHOD_BATCH
+
+    world, out = world2
+    per_rank = [load_file(str(out / f"method_{method}_rank{r}.safetensors")) for r in range(world)]
+    for k in per_rank[0]:
+        assert torch.equal(per_rank[1][k], per_rank[0][k]), k  # ranks agree, before and after the step
+    model = svd_scale.apply(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                            svd_scale.AdapterConfig(method=method, rank=4, svd="full")).eval()
+    init = adapter_state_dict(model)
+    for k, v in init.items():
+        torch.testing.assert_close(per_rank[0]["init." + k], v, atol=1e-6, rtol=1e-6)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = [model(input_ids=METHOD_BATCH[r:r + 1], labels=METHOD_BATCH[r:r + 1]).loss for r in range(world)]
+    reg = svd_scale.regularization_loss(model)
+    total = torch.stack(losses).mean() + (reg if reg is not None else 0)
+    total.backward()
+    opt.step()
+    after = adapter_state_dict(model)
+    moved = 0.0
+    for k, v in after.items():
+        torch.testing.assert_close(per_rank[0]["after." + k], v, atol=2e-6, rtol=1e-5)
+        moved = max(moved, float((v - init[k]).abs().max()))
+    assert moved > 1e-5
+    facts = json.loads((out / f"method_{method}_rank0.json").read_text())
+    assert (facts["reg"] is None) == (reg is None)
+    if reg is not None:
+        assert facts["reg"] == pytest.approx(float(reg.detach()), rel=1e-5, abs=1e-8)

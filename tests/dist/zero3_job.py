@@ -28,7 +28,7 @@ from svd_scale.distributed import ZeRO3Access, local_shard_numel, zero3_loading 
 from svd_scale.io import adapter_state_dict  # noqa: E402
 from svd_scale.training import run  # noqa: E402
 
-DS = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+DS = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True,
       "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
 
 
@@ -55,6 +55,35 @@ def init_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     engine.destroy()
 
 
+METHOD_BATCH = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3], [8, 12, 400, 41, 6, 77, 900, 2], [9, 13, 500, 40, 5, 66, 800, 4]])
+
+
+def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
+    """Every method: sharded init, then one SGD step on one sequence per rank (eval mode, so
+    SaLoRA's gates are deterministic) with the method's regularizer in the loss."""
+    from svd_scale.methods import METHODS
+
+    for method in sorted(METHODS):
+        with zero3_loading(DS, torch.float32):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        svd_scale.apply(model, svd_scale.AdapterConfig(method=method, rank=4, svd="full"), access=ZeRO3Access())
+        init = adapter_state_dict(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=DS)
+        engine.eval()
+        x = METHOD_BATCH[rank:rank + 1]
+        loss = engine(input_ids=x, labels=x).loss
+        reg = svd_scale.regularization_loss(model)
+        engine.backward(loss + reg if reg is not None else loss)
+        engine.step()
+        after = adapter_state_dict(model)
+        save_file({**{"init." + k: v for k, v in init.items()}, **{"after." + k: v for k, v in after.items()}},
+                  str(out / f"method_{method}_rank{rank}.safetensors"))
+        (out / f"method_{method}_rank{rank}.json").write_text(json.dumps(
+            {"loss": float(loss), "reg": None if reg is None else float(reg)}))
+        engine.destroy()
+
+
 def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> None:
     common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
               "train.batch_size=2", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
@@ -78,6 +107,7 @@ def main():
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--methods", action="store_true")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     deepspeed.init_distributed()
@@ -85,6 +115,8 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     init_checks(a.model, out, rank, world)
+    if a.methods:
+        method_checks(a.model, out, rank, world)
     if a.train:
         train(a.model, out, world, a.resume, a.bf16)
     dist.barrier()
