@@ -20,7 +20,7 @@ from .svd import ALGORITHMS
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_TYPES = ("none", "nf4")
 SCALE_MODES = ("output", "none")
-ENGINES = ("auto", "single", "deepspeed", "fsdp2")
+ENGINES = ("auto", "single", "deepspeed")  # FSDP2: see the README's status section
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -51,6 +51,8 @@ class AdapterConfig:
     oversample: int = field(default=8, metadata={"help": "extra probe vectors of the randomized SVD"})
     factor_dtype: str = field(default="auto", metadata={"help": "storage dtype of frozen U_r/V_r: auto (= base weight dtype), float32, bfloat16, float16"})
     quant: str = field(default="none", metadata={"help": "storage of the frozen residual: none (base dtype) or nf4 (bitsandbytes 4-bit)"})
+    double_quant: bool = field(default=False, metadata={"help": "nf4: also quantize the block scales (bitsandbytes compress_statistics)"})
+    quant_iters: int = field(default=1, metadata={"help": "nf4: T rounds of QPiSSA-style refinement (1 = decompose W once)"})
     # Method-specific hyperparameters; None means the method's own default. Setting
     # one that the chosen method does not use is an error (see methods.validate_options).
     scale: Optional[str] = field(default=None, metadata={"help": "svd_scale: 'output' (per-output-channel scale s) or 'none'"})
@@ -69,6 +71,10 @@ class AdapterConfig:
         _positive("adapter.oversample", self.oversample, allow_zero=True)
         _choice("adapter.factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         _choice("adapter.quant", self.quant, QUANT_TYPES)
+        if not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool) or self.quant_iters < 1:
+            raise ValueError(f"adapter.quant_iters must be an integer >= 1, got {self.quant_iters!r}")
+        if self.quant_iters > 1 and self.quant != "nf4":
+            raise ValueError(f"adapter.quant_iters={self.quant_iters} refines a 4-bit residual: set adapter.quant=nf4")
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise ValueError(f"adapter.target_modules must be 'all-linear', a regex or a non-empty list, got {self.target_modules!r}")
         validate_options(self)
@@ -99,7 +105,7 @@ class TrainConfig:
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final adapter)"})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 (base in bf16; sigma/s and other trainables stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed, fsdp2"})
+    engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})

@@ -102,6 +102,9 @@ def wrap(model: nn.Module, targets, cfg: AdapterConfig, ranks: Optional[dict] = 
         r = (ranks or {}).get(name, cfg.rank)
         dev = m.weight.device if m.weight.device.type != "meta" else None
         layer = cls(m, r, opts, factor_dtype_for(cfg, m), device=dev)
+        # how the frozen residual is stored (read by write_residual, never by forward)
+        layer.quant, layer.double_quant = cfg.quant, cfg.double_quant
+        layer.compute_dtype = m.weight.dtype if m.weight.dtype.is_floating_point else torch.bfloat16
         _set_module(model, name, layer)
         layers.append((name, layer))
     return layers
@@ -163,8 +166,16 @@ def residual_of(layer: AdapterLayer, W: torch.Tensor) -> torch.Tensor:
 
 
 def write_residual(layer: AdapterLayer, W: torch.Tensor) -> None:
-    weight = layer.base_layer.weight
+    """Store ``W - removed`` as the frozen residual: in place in the base weight (same
+    shape and dtype -- what ZeRO-3's GatheredParameters needs), or as NF4 in a
+    bitsandbytes Linear4bit that replaces the base layer (``quant: nf4``)."""
     res = residual_of(layer, W)
+    if getattr(layer, "quant", "none") == "nf4":
+        from .quant import linear4bit_from
+
+        layer.base_layer = linear4bit_from(layer.base_layer, res, layer.compute_dtype, layer.double_quant)
+        return
+    weight = layer.base_layer.weight
     weight.data.copy_(from_out_in(layer.base_layer, res).to(weight.dtype))
 
 
@@ -172,6 +183,10 @@ def svd_function(cfg: AdapterConfig):
     def fn(W: torch.Tensor, rank: int) -> svdlib.SVD:
         return svdlib.decompose(W, rank, algorithm=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
 
+    if cfg.quant == "nf4" and cfg.quant_iters > 1:
+        from .quant import refine_factors
+
+        return lambda W, rank: refine_factors(W, rank, cfg.quant_iters, fn, cfg.double_quant)[0]
     return fn
 
 

@@ -157,7 +157,10 @@ def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAcc
 
 def merged_weight(layer) -> torch.Tensor:
     """The dense out x in weight (fp32) equal to an adapter layer's map (pure given its state)."""
-    W_res = compute_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach()))
+    from .quant import dense_from_4bit, is_4bit
+
+    base = layer.base_layer
+    W_res = dense_from_4bit(base) if is_4bit(base) else compute_dtype(to_out_in(base, base.weight.detach()))
     W = type(layer).merge(W_res, layer.fp32_tensors(W_res.dtype), layer.opts)
     if not torch.isfinite(W).all():
         raise ValueError(f"merged weight of a {layer.method} layer has non-finite values; refusing to merge")
@@ -177,10 +180,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     returned unchanged."""
     from .inject import _set_module
 
+    from .quant import is_4bit, plain_linear
+
     for name, layer in list(adapter_layers(model)):
         base = layer.base_layer
         with torch.no_grad():
-            base.weight.data.copy_(from_out_in(base, merged_weight(layer)).to(base.weight.dtype))
+            if is_4bit(base):  # a 4-bit residual merges into a plain layer in the compute dtype
+                base = plain_linear(base, merged_weight(layer), layer.compute_dtype)
+            else:
+                base.weight.data.copy_(from_out_in(base, merged_weight(layer)).to(base.weight.dtype))
         _set_module(model, name, base)
     if hasattr(model, "svd_scale_config"):
         del model.svd_scale_config

@@ -136,14 +136,14 @@ def _deepspeed_config(cfg: RunConfig) -> dict:
     return ds
 
 
-def _eval_callback(tok, test: list, metrics: dict, resume: bool):
+def _eval_callback(tok, test: list, metrics: dict, resume: bool, before: bool = True):
     """Held-out accuracy at the start (adapter at init == base model) and end of training.
     A callback, because under ZeRO-3 the model can run forward only once the engine exists."""
     from transformers import TrainerCallback
 
     class EvalCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            if test and not resume and "accuracy_before" not in metrics:
+            if test and before and not resume and "accuracy_before" not in metrics:
                 metrics["accuracy_before"] = choice_accuracy(model, tok, test)
                 _say(f"held-out accuracy at init (= base model): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
 
@@ -189,14 +189,14 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
     model = adapt(model) if adapt else apply(model, cfg.adapter, access=access_for(model), seed=cfg.train.seed)
     metrics["init_seconds"] = round(time.time() - t_init, 2)
     metrics["trainable_params"], metrics["total_params"] = parameter_counts(model)
-    _say(f"adapter: {metrics['method']} r={cfg.adapter.rank}, trainable {metrics['trainable_params']:,} of "
+    _say(f"adapter: {metrics['method']}{'' if adapt else f' r={cfg.adapter.rank}'}, trainable {metrics['trainable_params']:,} of "
          f"{metrics['total_params']:,} ({100 * metrics['trainable_params'] / metrics['total_params']:.3f}%), "
          f"init {metrics['init_seconds']} s")
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     train_ds = tokenized_dataset(splits.train, tok, cfg.train.max_length)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id),
-                               callbacks=[_eval_callback(tok, test, metrics, resume)])
+                               callbacks=[_eval_callback(tok, test, metrics, resume, cfg.train.eval_before)])
     t_train = time.time()
     checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None
     if checkpoint:

@@ -1,0 +1,109 @@
+"""4-bit NF4 storage of the frozen residual -- the only module that touches bitsandbytes.
+
+The SVD is always taken on the full-precision weight; only the residual
+``W - removed`` is quantized (PEFT refuses SVD inits on quantized weights and sends
+users to an offline step; here it is the normal path). bitsandbytes does the NF4
+work: ``quantize_4bit(quant_type="nf4", blocksize=64)`` with
+``quant_storage=torch.bfloat16``, so the packed data is an ordinary bf16 tensor that
+ZeRO-3 and FSDP can flatten and shard (4 codes per element).
+
+The quantized residual lives in a ``bnb.nn.Linear4bit`` that replaces the adapter
+layer's ``base_layer`` at init time; the adapter's forward is unchanged
+(``base_layer(x)`` is ``W_res x + b`` either way).
+
+Optional refinement (QPiSSA; Meng et al., PiSSA, NeurIPS 2024, Sec. 4.3): start from
+``E = W``; repeat T times: take the top-r factors of ``E``, quantize
+``W - U S V^T``, set ``E = W - dequant(Q)``; keep the factors whose total error
+``||W - dequant(Q) - U S V^T||`` is smallest.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import is_conv1d
+
+BLOCKSIZE = 64
+
+
+def quantize_nf4(W: torch.Tensor, double_quant: bool = False):
+    """``(packed bf16-storage tensor, QuantState)`` of ``W`` (out x in)."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.quantize_4bit(W.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                              quant_type="nf4", quant_storage=torch.bfloat16)
+
+
+def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(packed, state)
+
+
+def nf4_roundtrip(W: torch.Tensor, double_quant: bool = False) -> torch.Tensor:
+    """``dequant(NF4(W))`` in fp32: what a 4-bit store of ``W`` gives back."""
+    q, s = quantize_nf4(W.float(), double_quant)
+    return dequantize_nf4(q, s).float()
+
+
+def refine_factors(W: torch.Tensor, rank: int, iters: int, svd_fn, double_quant: bool = False):
+    """QPiSSA-style alternation (module docstring); returns (factors, relative error)."""
+    W = W.float()
+    E, best, best_err = W, None, None
+    norm = torch.linalg.norm(W)
+    for _ in range(max(1, iters)):
+        f = svd_fn(E, rank)
+        R = W - f.product()
+        Q = nf4_roundtrip(R, double_quant)
+        err = torch.linalg.norm(R - Q) / norm
+        if best_err is None or err < best_err:
+            best, best_err = f, err
+        E = W - Q
+    return best, float(best_err)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def linear4bit_from(base: nn.Module, W_res: torch.Tensor, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
+    """A frozen ``bnb.nn.Linear4bit`` holding NF4(W_res) and ``base``'s bias."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = W_res.shape
+    bias = getattr(base, "bias", None)
+    lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+                            compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.bfloat16,
+                            device=W_res.device)
+    packed, state = quantize_nf4(W_res.float(), double_quant)
+    lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                                   compress_statistics=double_quant, quant_type="nf4",
+                                   quant_storage=torch.bfloat16, module=lin, bnb_quantized=True)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+    lin.svd_scale_was_conv1d = is_conv1d(base)  # merge gives GPT-2 its Conv1D back
+    return lin
+
+
+def dense_from_4bit(module: nn.Module) -> torch.Tensor:
+    """fp32 out x in weight of a Linear4bit."""
+    return dequantize_nf4(module.weight.data, module.weight.quant_state).float()
+
+
+def plain_linear(module: nn.Module, W: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """The plain transformers layer for a merged 4-bit layer: ``nn.Linear`` (or GPT-2's
+    ``Conv1D``) in ``dtype`` with weight ``W`` (out x in) and the 4-bit layer's bias."""
+    out_f, in_f = W.shape
+    bias = module.bias
+    if getattr(module, "svd_scale_was_conv1d", False):
+        from transformers.pytorch_utils import Conv1D
+
+        new = Conv1D(out_f, in_f).to(dtype)
+        new.weight.data.copy_(W.t())
+    else:
+        new = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype, device=W.device)
+        new.weight.data.copy_(W)
+    if bias is not None:
+        new.bias.data.copy_(bias.detach())
+    new.requires_grad_(False)
+    return new
