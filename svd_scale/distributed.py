@@ -69,8 +69,9 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
 class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
-    def __init__(self, max_group: int = 8):
+    def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None):
         self.max_group = max_group
+        self.ds_config = ds_config
         self.peak_gathered_numel = 0
 
     def run(self, layers, compute) -> None:
@@ -95,9 +96,36 @@ class ZeRO3Access(WeightAccess):
                         load_tensors(layer, mine[j][1])
                     for _, p in sorted(layer.tensors().items()):
                         _broadcast(p, owner)
+                    if getattr(layer, "quant", "none") == "nf4":
+                        self._write_nf4(layer, mine.pop(j)[0] if owner == rank else None, owner, rank)
+                        continue
                     with deepspeed.zero.GatheredParameters([layer.base_layer.weight], modifier_rank=owner):
                         if owner == rank:
                             write_residual(layer, mine.pop(j)[0])
+
+    def _write_nf4(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
+        """4-bit residual under ZeRO-3: the owner quantizes once and broadcasts the packed codes
+        and the QuantState (DeepSpeed synchronizes parameters only, so every rank must receive
+        the identical absmax/code itself); each rank wraps them in a Linear4bit whose packed
+        bf16 weight is then partitioned like any bf16 tensor (``zero.Init(module=...)``,
+        dtype bf16 so the codes are never cast). The old full-precision weight is dropped."""
+        import deepspeed
+
+        from .inject import residual_of
+        from .quant import linear4bit_from_packed, payload_to_state, quantize_nf4, state_to_payload
+
+        base = layer.base_layer
+        payload = [None]
+        if rank == owner:
+            packed, state = quantize_nf4(residual_of(layer, W), layer.double_quant)
+            payload = [state_to_payload(packed, state)]
+        dist.broadcast_object_list(payload, src=owner)
+        device = base.weight.device
+        packed, state = payload_to_state(payload[0], device)
+        lin = linear4bit_from_packed(base, (layer.out_features, layer.in_features), packed, state,
+                                     layer.compute_dtype, layer.double_quant, getattr(base, "bias", None))
+        deepspeed.zero.Init(module=lin, config_dict_or_path=self.ds_config, dtype=torch.bfloat16)
+        layer.base_layer = lin
 
 
 def _broadcast(p: torch.Tensor, src: int) -> None:
@@ -122,9 +150,9 @@ def register_external(module: torch.nn.Module, params: list) -> None:
         deepspeed.zero.register_external_parameter(module, p)
 
 
-def access_for(model: torch.nn.Module) -> Optional[WeightAccess]:
+def access_for(model: torch.nn.Module, ds_config: Optional[dict] = None) -> Optional[WeightAccess]:
     """The WeightAccess that fits how ``model``'s weights are stored (None: plain tensors)."""
-    return ZeRO3Access() if is_sharded(model) else None
+    return ZeRO3Access(ds_config=ds_config) if is_sharded(model) else None
 
 
 # ----------------------------------------------------------------------------- loading

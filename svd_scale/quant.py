@@ -68,21 +68,39 @@ def is_4bit(module: nn.Module) -> bool:
 
 def linear4bit_from(base: nn.Module, W_res: torch.Tensor, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
     """A frozen ``bnb.nn.Linear4bit`` holding NF4(W_res) and ``base``'s bias."""
+    packed, state = quantize_nf4(W_res.float(), double_quant)
+    bias = getattr(base, "bias", None)
+    if bias is not None:
+        bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+    return linear4bit_from_packed(base, tuple(W_res.shape), packed, state, compute_dtype, double_quant, bias)
+
+
+def linear4bit_from_packed(base: nn.Module, shape: tuple, packed: torch.Tensor, state, compute_dtype: torch.dtype,
+                           double_quant: bool, bias: "nn.Parameter | None") -> nn.Module:
+    """A frozen ``bnb.nn.Linear4bit`` around already-quantized data (``shape`` = out x in)."""
     import bitsandbytes as bnb
 
-    out_f, in_f = W_res.shape
-    bias = getattr(base, "bias", None)
-    lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
-                            compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.bfloat16,
-                            device=W_res.device)
-    packed, state = quantize_nf4(W_res.float(), double_quant)
+    out_f, in_f = shape
+    lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, compress_statistics=double_quant,
+                            quant_type="nf4", quant_storage=torch.bfloat16, device=packed.device)
     lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
                                    compress_statistics=double_quant, quant_type="nf4",
                                    quant_storage=torch.bfloat16, module=lin, bnb_quantized=True)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+    lin.bias = bias
     lin.svd_scale_was_conv1d = is_conv1d(base)  # merge gives GPT-2 its Conv1D back
     return lin
+
+
+def state_to_payload(packed: torch.Tensor, state) -> dict:
+    """Everything a 4-bit weight is, as plain tensors (for broadcasting from its owner rank)."""
+    return {"packed": packed.cpu(), "state": {k: v.cpu() if torch.is_tensor(v) else v
+                                              for k, v in state.as_dict(packed=True).items()}}
+
+
+def payload_to_state(payload: dict, device):
+    import bitsandbytes.functional as bnbF
+
+    return payload["packed"].to(device), bnbF.QuantState.from_dict(payload["state"], device=device)
 
 
 def dense_from_4bit(module: nn.Module) -> torch.Tensor:

@@ -186,7 +186,8 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
                      "lr": cfg.train.lr, "engine": engine,
                      "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
     t_init = time.time()
-    model = adapt(model) if adapt else apply(model, cfg.adapter, access=access_for(model), seed=cfg.train.seed)
+    model = adapt(model) if adapt else apply(model, cfg.adapter, seed=cfg.train.seed,
+                                                   access=access_for(model, args.hf_deepspeed_config.config if ds else None))
     metrics["init_seconds"] = round(time.time() - t_init, 2)
     metrics["trainable_params"], metrics["total_params"] = parameter_counts(model)
     _say(f"adapter: {metrics['method']}{'' if adapt else f' r={cfg.adapter.rank}'}, trainable {metrics['trainable_params']:,} of "

@@ -60,7 +60,7 @@ def _launch(n: int, model: str, out: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def world2(model_dir, tmp_path_factory):
-    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16", "--methods")
+    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16", "--methods", "--nf4")
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +209,31 @@ def test_every_method_under_zero3_matches_one_process(world2, model_dir, method)
     assert (facts["reg"] is None) == (reg is None)
     if reg is not None:
         assert facts["reg"] == pytest.approx(float(reg.detach()), rel=1e-5, abs=1e-8)
+
+
+def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_process(world2, model_dir):
+    from transformers import AutoModelForCausalLM
+    from svd_scale.io import adapter_state_dict
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import METHOD_BATCH
+
+    world, out = world2
+    facts = [json.loads((out / f"nf4_rank{r}.json").read_text()) for r in range(world)]
+    state = [load_file(str(out / f"nf4_rank{r}.safetensors")) for r in range(world)]
+    for f in facts:  # the 4-bit residual is partitioned like any bf16 tensor, never cast
+        assert f["local4"] <= f["total4"] / world + 64 and f["weight_dtypes"] == ["torch.bfloat16"]
+    for k in state[0]:  # quant_state (absmax, code), logits and the stepped adapter agree on every rank
+        assert torch.equal(state[1][k], state[0][k]), k
+    ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                          svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4"))
+    for name, l in svd_scale.adapter_layers(ref):
+        assert torch.equal(state[0][f"{name}.absmax"], l.base_layer.weight.quant_state.absmax.float())
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(state[0]["logits"], ref(input_ids=METHOD_BATCH[:2]).logits, atol=1e-5, rtol=0)
+    ref.train()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    torch.stack([ref(input_ids=METHOD_BATCH[r:r + 1], labels=METHOD_BATCH[r:r + 1]).loss for r in range(world)]).mean().backward()
+    opt.step()
+    for k, v in adapter_state_dict(ref).items():
+        torch.testing.assert_close(state[0]["after." + k], v, atol=2e-6, rtol=1e-5)

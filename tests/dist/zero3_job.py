@@ -84,6 +84,43 @@ def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
         engine.destroy()
 
 
+def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
+    """NF4 residual under ZeRO-3: partitioned 4-bit codes, identical quant_state, one step."""
+    from svd_scale.quant import is_4bit
+
+    with zero3_loading(DS, torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4"), access=ZeRO3Access(ds_config=DS))
+    layers = list(svd_scale.adapter_layers(model))
+    states = {}
+    local4 = total4 = 0
+    for name, l in layers:
+        w = l.base_layer.weight
+        assert is_4bit(l.base_layer) and hasattr(w, "ds_id"), name
+        local4 += w.ds_tensor.numel()
+        total4 += w.ds_numel
+        qs = w.quant_state
+        states[f"{name}.absmax"] = qs.absmax.float().cpu()
+        states[f"{name}.code"] = qs.code.float().cpu()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=DS)
+    x = METHOD_BATCH[:2]
+    with torch.no_grad():
+        logits = engine(input_ids=x).logits.float()
+    engine.train()
+    xr = METHOD_BATCH[rank:rank + 1]
+    loss = engine(input_ids=xr, labels=xr).loss
+    engine.backward(loss)
+    engine.step()
+    after = adapter_state_dict(model)
+    save_file({**states, **{"after." + k: v for k, v in after.items()}, "logits": logits},
+              str(out / f"nf4_rank{rank}.safetensors"))
+    dtypes = sorted({str(l.base_layer.weight.dtype) for _, l in layers})
+    (out / f"nf4_rank{rank}.json").write_text(json.dumps({"local4": local4, "total4": total4, "loss": float(loss),
+                                                          "weight_dtypes": dtypes}))
+    engine.destroy()
+
+
 def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> None:
     common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
               "train.batch_size=2", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
@@ -108,6 +145,7 @@ def main():
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--methods", action="store_true")
+    ap.add_argument("--nf4", action="store_true")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     deepspeed.init_distributed()
@@ -117,6 +155,8 @@ def main():
     init_checks(a.model, out, rank, world)
     if a.methods:
         method_checks(a.model, out, rank, world)
+    if a.nf4:
+        nf4_checks(a.model, out, rank, world)
     if a.train:
         train(a.model, out, world, a.resume, a.bf16)
     dist.barrier()
