@@ -49,3 +49,15 @@ def test_describe_lists_every_field():
     for cls, prefix in ((AdapterConfig, "adapter."), (TrainConfig, "train.")):
         for name in cls.__dataclass_fields__:
             assert f"{prefix}{name} = " in text
+
+
+@pytest.mark.parametrize("overrides", [
+    ("method=svd_scale", "rank=64"), ("method=svfit", "rank=64"), ("method=kasa", "rank=8", "lr=5e-4"),
+    ("method=salora", "rank=16", "budget=0.5"), ("method=pissa", "rank=16", "lr=3e-5"), ("method=lora", "rank=16", "lr=3e-4"),
+    ("adapter.quant=nf4", "adapter.quant_iters=5", "adapter.double_quant=true"),
+    ("train.deepspeed=configs/deepspeed/zero3.json", "train.precision=bf16"),
+])
+def test_readme_examples_parse(overrides, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/quickstart.yaml", overrides)
+    assert cfg.adapter.rank > 0
