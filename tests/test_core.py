@@ -191,3 +191,21 @@ def test_import_does_not_pull_deepspeed_or_bitsandbytes():
     code = "import sys, svd_scale; print('deepspeed' in sys.modules, 'bitsandbytes' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_real_bert_encoder_parity_and_merge():
+    """A real encoder (all-MiniLM-L6-v2, BERT: query/key/value/dense layers with biases)."""
+    from transformers import AutoModel
+    from svd_scale.builtin import resolve_model_path
+    path = resolve_model_path("builtin:minilm")
+    x = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    base = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        ref = base(input_ids=x).last_hidden_state
+        model = svd_scale.apply(AutoModel.from_pretrained(path).eval(), AdapterConfig(rank=16, target_modules=["query", "key", "value", "dense"]))
+        assert {n.split(".")[-1] for n, _ in svd_scale.adapter_layers(model)} == {"query", "key", "value", "dense"}
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref, atol=1e-4, rtol=0)
+        _perturb(model)
+        expected = model(input_ids=x).last_hidden_state
+        merged = svd_scale.merge_and_unload(model)
+        torch.testing.assert_close(merged(input_ids=x).last_hidden_state, expected, atol=1e-4, rtol=0)
