@@ -2,6 +2,7 @@
 """Quantization error of plain NF4 vs NF4 residual + rank-r factors, on real weights.
 
     python bench/quant_error.py [--model builtin:smollm2-135m-instruct] [--ranks 16 64 128] [--iters 1 5]
+    python bench/quant_error.py --random-7b        # Llama-2-7B shapes, random N(0, 0.02) weights, on the GPU
 
 For every target weight W (all seven projections of every layer) it measures the
 relative Frobenius error ||W - W_hat|| / ||W||, summed over all weights
@@ -35,12 +36,20 @@ def main():
     ap.add_argument("--iters", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--svd", default="randomized", choices=["randomized", "full"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--random-7b", action="store_true", help="224 random weights of Llama-2-7B's shapes")
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(builtin.resolve_model_path(a.model), dtype=torch.float32)
-    weights = [to_out_in(m, m.weight.detach()).float() for _, m in find_targets(model, "all-linear")]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.random_7b:  # a flat (Marchenko-Pastur) spectrum: the hard case for keeping top-r in full precision
+        a.model = "random-llama2-7b-shape"
+        g = torch.Generator(device=dev).manual_seed(0)
+        shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+        weights = [0.02 * torch.randn(s, generator=g, device=dev) for _ in range(32) for s in shapes]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(builtin.resolve_model_path(a.model), dtype=torch.float32)
+        weights = [to_out_in(m, m.weight.detach()).float().to(dev) for _, m in find_targets(model, "all-linear")]
     norm2 = sum(float(W.pow(2).sum()) for W in weights)
     plain = sum(float((W - nf4_roundtrip(W)).pow(2).sum()) for W in weights)
     plain_rel = (plain / norm2) ** 0.5
@@ -61,7 +70,7 @@ def main():
     out = Path(a.out or ROOT / "bench" / "results" / f"quant_error_{name}.md")
     lines = [f"# NF4 quantization error on {a.model} ({len(weights)} target weights)", "",
              f"- command: `python bench/quant_error.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
-             f"- device: CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+             f"- device: {torch.cuda.get_device_name() if dev == 'cuda' else 'CPU ' + platform.machine()}, torch {torch.__version__}",
              f"- date: {datetime.date.today().isoformat()}; SVD: {a.svd}; wall time {time.time() - t0:.0f} s", "",
              "Relative Frobenius error over all target weights, sqrt(sum ||W - W_hat||^2 / sum ||W||^2).", "",
              "| representation | rank r | refinement T | rel. error | vs plain NF4 |", "|---|---|---|---|---|",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -19,7 +20,9 @@ def main():
             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in map(Path, sys.argv[1:]):
         m = json.loads((d / "metrics.json").read_text())
-        cfg = json.loads((d / "run_config.json").read_text())
+        # a run from before run_config.json existed: its command was the plain quickstart
+        cfg = json.loads((d / "run_config.json").read_text()) if (d / "run_config.json").exists() else \
+            __import__("svd_scale.config", fromlist=["x"]).load_config(str(ROOT / "configs/quickstart.yaml")).to_dict()
         q = cfg["adapter"].get("quant", "none")
         method = m["method"] if m["method"] != "custom" else "PEFT LoRA (custom adapt)"
         pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
