@@ -183,10 +183,10 @@ def svd_function(cfg: AdapterConfig):
     def fn(W: torch.Tensor, rank: int) -> svdlib.SVD:
         return svdlib.decompose(W, rank, algorithm=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
 
-    if cfg.quant == "nf4" and cfg.quant_iters > 1:
+    if cfg.refine_iters() > 1:
         from .quant import refine_factors
 
-        return lambda W, rank: refine_factors(W, rank, cfg.quant_iters, fn, cfg.double_quant)[0]
+        return lambda W, rank: refine_factors(W, rank, cfg.refine_iters(), fn, cfg.double_quant)[0]
     return fn
 
 
