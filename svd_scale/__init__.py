@@ -1,4 +1,4 @@
-"""svd_scale: SVD-based adapters for large language models under ZeRO-3, FSDP2 and 4-bit.
+"""svd_scale: SVD-based adapters for large language models under ZeRO-3 and 4-bit NF4 (FSDP2 planned).
 
     import svd_scale
     model = svd_scale.apply(model, svd_scale.AdapterConfig(method="svd_scale", rank=64))

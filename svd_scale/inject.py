@@ -7,7 +7,7 @@
 3. ``wrap``         -- replace each target by its method's layer (structure only).
 4. ``initialize``   -- read each weight, decompose it, fill the adapter tensors and
    overwrite the weight in place with the residual. How weights are read and written
-   (a local tensor, a ZeRO-3 shard, an FSDP2 DTensor) is the job of a
+   (a local tensor or a ZeRO-3 shard) is the job of a
    :class:`WeightAccess`; the math never sees sharding.
 """
 from __future__ import annotations
@@ -128,8 +128,8 @@ def from_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
 
 class WeightAccess:
     """How ``initialize`` reads full weights and writes results. This one is for
-    weights that live whole in this process; ZeRO-3/FSDP2 subclasses gather and
-    spread the work (see ``svd_scale/distributed.py``)."""
+    weights that live whole in this process; the ZeRO-3 subclass gathers and spreads
+    the work (``svd_scale/distributed.py``), and an FSDP2 one would do the same."""
 
     def run(self, layers: list[tuple[str, AdapterLayer]], compute) -> None:
         for i, (name, layer) in enumerate(layers):
