@@ -150,6 +150,14 @@ def register_external(module: torch.nn.Module, params: list) -> None:
         deepspeed.zero.register_external_parameter(module, p)
 
 
+def settle(engine) -> None:
+    """Wait for and release every ZeRO-3 parameter left in flight by forwards run outside a
+    training step (held-out evaluation prefetches parameters it never consumes); without this
+    the next gather -- e.g. the adapter export -- fails with "Cannot partition a param in flight"."""
+    if hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
 def access_for(model: torch.nn.Module, ds_config: Optional[dict] = None) -> Optional[WeightAccess]:
     """The WeightAccess that fits how ``model``'s weights are stored (None: plain tensors)."""
     return ZeRO3Access(ds_config=ds_config) if is_sharded(model) else None

@@ -141,10 +141,15 @@ def _eval_callback(tok, test: list, metrics: dict, resume: bool, before: bool = 
     A callback, because under ZeRO-3 the model can run forward only once the engine exists."""
     from transformers import TrainerCallback
 
+    from .distributed import settle
+
     class EvalCallback(TrainerCallback):
+        trainer = None  # set once the Trainer exists: its engine settles ZeRO-3 after evaluation
+
         def on_train_begin(self, args, state, control, model=None, **kw):
             if test and before and not resume and "accuracy_before" not in metrics:
                 metrics["accuracy_before"] = choice_accuracy(model, tok, test)
+                settle(self.trainer.model_wrapped)
                 _say(f"held-out accuracy at init (= base model): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
 
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -153,6 +158,7 @@ def _eval_callback(tok, test: list, metrics: dict, resume: bool, before: bool = 
         def on_train_end(self, args, state, control, model=None, **kw):
             if test:
                 metrics["accuracy_after"] = choice_accuracy(model, tok, test)
+                settle(self.trainer.model_wrapped)
                 _say(f"held-out accuracy after training:         {_pct(metrics['accuracy_after'])} on {len(test)} examples")
 
     return EvalCallback()
@@ -196,8 +202,10 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     train_ds = tokenized_dataset(splits.train, tok, cfg.train.max_length)
+    evaluation = _eval_callback(tok, test, metrics, resume, cfg.train.eval_before)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id),
-                               callbacks=[_eval_callback(tok, test, metrics, resume, cfg.train.eval_before)])
+                               callbacks=[evaluation])
+    evaluation.trainer = trainer
     t_train = time.time()
     checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None
     if checkpoint:

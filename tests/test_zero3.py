@@ -168,6 +168,8 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
 def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
     _, out = world2
     m = json.loads((out / "bf16" / "metrics.json").read_text())
+    # held-out evaluation ran under ZeRO-3 at both ends, and the export after it still worked
+    assert m["accuracy_before"] is not None and m["accuracy_after"] is not None
     assert m["dtypes"]["trainable"] == ["torch.float32"]
     assert m["dtypes"]["optimizer"] == ["torch.float32"]
     assert "torch.bfloat16" in m["dtypes"]["frozen"]  # the base really is bf16

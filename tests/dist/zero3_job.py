@@ -134,7 +134,9 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> No
         dist.barrier()
         run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
     if bf16:
-        run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", f"train.output_dir={out / 'bf16'}")))
+        # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
+        run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",
+                               f"train.output_dir={out / 'bf16'}")))
 
 
 def main():
