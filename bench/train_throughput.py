@@ -69,8 +69,9 @@ def row(kind: str, layers: int):
         import svd_scale
 
         _, store, r = kind.split()
-        svd_scale.apply(model, svd_scale.AdapterConfig(rank=int(r[1:]), target_modules=PROJ,
-                                                       quant="nf4" if store == "nf4" else "none"))
+        nf4 = store == "nf4"  # T=1: the init column times one SVD + quantization per weight
+        svd_scale.apply(model, svd_scale.AdapterConfig(rank=int(r[1:]), target_modules=PROJ, quant="nf4" if nf4 else "none",
+                                                       quant_iters=1 if nf4 else None))
     torch.cuda.synchronize()
     init = time.time() - t0
     return model, [p for p in model.parameters() if p.requires_grad], init
