@@ -150,7 +150,8 @@ def _eval_callback(tok, test: list, metrics: dict, resume: bool, before: bool = 
             if test and before and not resume and "accuracy_before" not in metrics:
                 metrics["accuracy_before"] = choice_accuracy(model, tok, test)
                 settle(self.trainer.model_wrapped)
-                _say(f"held-out accuracy at init (= base model): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
+                note = "4-bit residual" if getattr(getattr(model, "svd_scale_config", None), "quant", "none") == "nf4" else "= base model"
+                _say(f"held-out accuracy at init ({note}): {_pct(metrics['accuracy_before'])} on {len(test)} examples")
 
         def on_step_begin(self, args, state, control, model=None, **kw):
             set_progress(model, state.global_step / max(1, state.max_steps))  # SaLoRA's budget schedule
