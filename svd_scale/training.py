@@ -10,6 +10,7 @@ DeepSpeed integration -- subclassed in three places only:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -185,7 +186,7 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage") == 3
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else _nullcontext():
+    with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else contextlib.nullcontext():
         model, tok = load_model_and_tokenizer(cfg)  # under ZeRO-3: built partitioned
     test = splits.test[: cfg.train.eval_examples]
     metrics: dict = {"model": cfg.model, "data": cfg.data, "method": cfg.adapter.method if adapt is None else "custom",
@@ -244,12 +245,6 @@ def _dtypes(model: nn.Module, optimizer) -> dict:
         "frozen": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
         "optimizer": sorted({str(p.dtype) for p in masters}),
     }
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _latest_checkpoint(output_dir: str) -> Optional[str]:

@@ -181,9 +181,16 @@ def test_apply_twice_is_refused(llama):
 
 
 def test_roles_drive_trainability():
+    """Trainability comes from the declared roles alone, for every method."""
+    from svd_scale.layer import TrainingState
     from svd_scale.methods import METHODS
     for name, cls in METHODS.items():
         assert set(cls.roles.values()) <= set(Role), name
+        model = svd_scale.apply(tiny_llama(), AdapterConfig(method=name, rank=4))
+        declared = {id(p) for _, l in svd_scale.adapter_layers(model)
+                    for t, p in l.tensors((Role.TRAINABLE,)).items()}
+        declared |= {id(p) for m in model.modules() if isinstance(m, TrainingState) for p in m.parameters()}
+        assert {id(p) for p in model.parameters() if p.requires_grad} == declared, name
 
 
 def test_import_does_not_pull_deepspeed_or_bitsandbytes():
