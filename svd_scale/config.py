@@ -22,6 +22,7 @@ QUANT_TYPES = ("none", "nf4")
 SCALE_MODES = ("output", "none")
 ENGINES = ("auto", "single", "deepspeed")  # FSDP2: see the README's status section
 PRECISIONS = ("fp32", "bf16")
+EVAL_SPLITS = ("test", "validation")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -117,6 +118,7 @@ class TrainConfig:
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
+    eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "logging_steps"):
@@ -126,6 +128,7 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.engine", self.engine, ENGINES)
+        _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ValueError("train.engine=deepspeed needs train.deepspeed=<json config>, e.g. configs/deepspeed/zero3.json")
         if self.deepspeed and not Path(self.deepspeed).is_file():

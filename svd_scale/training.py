@@ -166,11 +166,12 @@ def _eval_callback(tok, test: list, metrics: dict, resume: bool, before: bool = 
     return EvalCallback()
 
 
-def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) -> dict:
+def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, keep: Optional[dict] = None) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with an adapter; return (and write) metrics.
 
     ``adapt(model) -> model`` replaces ``svd_scale.apply`` (benchmarks use it to run
-    the real PEFT library through the very same data, loop and evaluation)."""
+    the real PEFT library through the very same data, loop and evaluation); ``keep``,
+    if given, receives the trained ``model`` and ``tokenizer`` (benchmarks score more splits)."""
     from .distributed import access_for, zero3_loading
 
     t0 = time.time()
@@ -188,10 +189,13 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else contextlib.nullcontext():
         model, tok = load_model_and_tokenizer(cfg)  # under ZeRO-3: built partitioned
-    test = splits.test[: cfg.train.eval_examples]
+    held_out = splits.validation if cfg.train.eval_split == "validation" else splits.test
+    if cfg.train.eval_split == "validation" and not held_out and cfg.train.eval_examples:
+        raise ValueError(f"train.eval_split=validation: data {cfg.data!r} has no validation split (built-in data only)")
+    test = held_out[: cfg.train.eval_examples]
     metrics: dict = {"model": cfg.model, "data": cfg.data, "method": cfg.adapter.method if adapt is None else "custom",
                      "rank": cfg.adapter.rank, "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
-                     "lr": cfg.train.lr, "engine": engine,
+                     "lr": cfg.train.lr, "engine": engine, "eval_split": cfg.train.eval_split,
                      "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
     t_init = time.time()
     model = adapt(model) if adapt else apply(model, cfg.adapter, seed=cfg.train.seed,
@@ -226,6 +230,8 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None) 
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         _say(f"adapter saved to {out / 'adapter'}; metrics in {out / 'metrics.json'}")
+    if keep is not None:
+        keep.update(model=model, tokenizer=tok)
     return metrics
 
 
