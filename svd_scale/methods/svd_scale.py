@@ -14,10 +14,81 @@ residual. ``scale: none`` drops ``s`` (then the method is SVFit, Sun et al. 2024
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..layer import AdapterLayer, Role
+
+
+def reference(h, x, Vh, U, sigma, scale=None, bias=None):
+    """The layer's map in plain autograd ops -- the formula the fused function must equal
+    (tests gradcheck one against the other in float64). ``h = W_res x + b`` (base layer)."""
+    p = h + F.linear(F.linear(x, Vh) * sigma, U)
+    if scale is None:
+        return p
+    return p * scale if bias is None else p * scale + bias * (1 - scale)
+
+
+class ScaledLowRank(torch.autograd.Function):
+    """``y = s * (h + U diag(sigma) V^T x) + b (1 - s)`` in as few passes over the
+    (tokens x out) activations as cuBLAS allows (issue 7: with tiny adapter math the
+    cost of the layer is its extra elementwise passes and kernel launches).
+
+    Forward: ``a = x V`` (tokens x r), then one ``addmm`` adds ``a (U diag(sigma))^T`` to
+    ``h`` inside the GEMM, then one scale pass -- 2 passes over tokens x out instead of the
+    plain formula's 4 (matmul output, add, scale, and autograd's saved copies).
+    Saves ``x`` (the base layer keeps it anyway), ``a`` (tokens x r) and, only when ``s``
+    trains, the pre-scale output ``p``. Backward: ``g*s`` once (it is also the base layer's
+    incoming gradient), ``ds = sum(g*p) - b*sum(g)`` and ``dsigma = sum((g s U) * a)``
+    reduced in fp32, ``dx = ((g s U) * sigma) V^T``; ``U``/``V`` get no gradient (frozen).
+    Autocast is off inside: the work dtype is ``h``'s, chosen by the base layer.
+    """
+
+    @staticmethod
+    def forward(ctx, h, x, Vh, U, sigma, scale, bias):
+        with torch.autocast(h.device.type, enabled=False):
+            wd = h.dtype
+            h2, x2 = h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]).to(wd)
+            Vh_w, U_w, sig_w = Vh.to(wd), U.to(wd), sigma.to(wd)
+            a = x2 @ Vh_w.t()
+            p = torch.addmm(h2, a, (U_w * sig_w).t())
+            if scale is None:
+                y = p
+            else:
+                s_w = scale.to(wd)
+                y = p * s_w if bias is None else torch.addcmul(bias.to(wd) * (1 - s_w), p, s_w)
+        keep_p = scale is not None and ctx.needs_input_grad[5]
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.save_for_backward(x2, a, p if keep_p else None, Vh_w, U_w, sig_w,
+                              None if scale is None else s_w, None if bias is None else bias)
+        return y.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, a, p, Vh_w, U_w, sig_w, s_w, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, g.shape[-1])
+            acc = torch.promote_types(g.dtype, torch.float32)  # fp32 sums for bf16; fp64 stays fp64
+            gs = g2 if s_w is None else g2 * s_w
+            d_scale = None
+            if p is not None:
+                d_scale = (g2 * p).sum(0, dtype=acc)
+                if bias is not None:
+                    d_scale -= bias.to(acc) * g2.sum(0, dtype=acc)
+            dz = gs @ U_w  # (tokens, r)
+            d_sigma = (dz * a).sum(0, dtype=acc) if need[4] else None
+            d_x = ((dz * sig_w) @ Vh_w).to(ctx.x_dtype).view(ctx.x_shape) if need[1] else None
+        return (gs.view(g.shape) if need[0] else None, d_x, None, None, d_sigma,
+                d_scale, None)
+
+
+def fused_forward(h, x, Vh, U, sigma, scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+    """The svd_scale layer's map after the base layer (autograd casts the fp32-reduced
+    gradients of ``sigma``/``scale`` to their parameters' dtypes)."""
+    return ScaledLowRank.apply(h, x, Vh, U, sigma, scale, bias)
 
 
 class SVDScaleLayer(AdapterLayer):
@@ -62,13 +133,7 @@ class SVDScaleLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)  # W_res x + b
-        z = F.linear(x, self.cast(self.Vh, x)) * self.cast(self.sigma, x)
-        h = h + F.linear(z, self.cast(self.U, x)).to(h.dtype)
         if "scale" not in self.roles:
-            return h
+            return fused_forward(h, x, self.Vh, self.U, self.sigma)
         # s * (W_res x + delta) + b == s * (h - b) + b: the bias stays outside the scale.
-        s = self.cast(self.scale, h)
-        bias = getattr(self.base_layer, "bias", None)
-        if bias is None:
-            return h * s
-        return h * s + self.cast(bias, h) * (1 - s)
+        return fused_forward(h, x, self.Vh, self.U, self.sigma, self.scale, getattr(self.base_layer, "bias", None))
