@@ -51,6 +51,22 @@ def to_nf4(model):
     return model
 
 
+def _plain_forward(self, x):
+    """The layer without the fused autograd function (the A/B baseline for issue 7)."""
+    from svd_scale.methods.svd_scale import reference
+
+    return reference(self.base_layer(x), x, self.Vh, self.U, self.cast(self.sigma, x), self.cast(self.scale, x))
+
+
+def _fused():
+    from svd_scale.methods.svd_scale import SVDScaleLayer
+
+    return SVDScaleLayer.forward
+
+
+_FUSED_FORWARD = None
+
+
 def row(kind: str, layers: int):
     """(model, trainables, init seconds) for one benchmark row."""
     model = build(layers)
@@ -65,10 +81,13 @@ def row(kind: str, layers: int):
         if kind == "peft qlora r16":
             to_nf4(model)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ))
-    else:  # "svd_scale bf16 r64" etc.
+    else:  # "svd_scale bf16 r64" etc.; "... plain" runs the layer through plain autograd ops
         import svd_scale
+        from svd_scale.methods import svd_scale as method
 
-        _, store, r = kind.split()
+        plain = kind.endswith(" plain")
+        method.SVDScaleLayer.forward = _plain_forward if plain else _FUSED_FORWARD
+        _, store, r = kind.split()[:3]
         nf4 = store == "nf4"  # T=1: the init column times one SVD + quantization per weight
         svd_scale.apply(model, svd_scale.AdapterConfig(rank=int(r[1:]), target_modules=PROJ, quant="nf4" if nf4 else "none",
                                                        quant_iters=1 if nf4 else None))
@@ -100,6 +119,18 @@ def measure(kind: str, args) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.cuda.synchronize()
+        ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+        n = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0) > 0)
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3
+        print(f"--- {kind}: {n} kernel launches, {busy:.1f} ms GPU busy per fwd+bwd (wall {step * 1000:.1f} ms)")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
     out = {"row": kind, "step_s": step, "tok_s": args.seq / step, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
            "trainable": sum(p.numel() for p in params), "init_s": init}
     print(f"{kind:24s} {out['tok_s']:9.0f} tok/s  step {step * 1000:7.1f} ms  peak {out['peak_gib']:6.2f} GiB  "
@@ -117,11 +148,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", default="all")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per row")
     args = ap.parse_args()
-    kinds = ["frozen bf16", "frozen nf4", "peft lora r16", "peft qlora r16",
-             "svd_scale bf16 r64", "svd_scale nf4 r64", "svd_scale bf16 r128", "svd_scale nf4 r128"]
+    global _FUSED_FORWARD
+    _FUSED_FORWARD = _fused()
+    kinds = ["frozen bf16", "frozen nf4", "peft lora r16", "peft qlora r16", "svd_scale bf16 r64", "svd_scale nf4 r64",
+             "svd_scale nf4 r64 plain", "svd_scale bf16 r128", "svd_scale nf4 r128"]
     if args.rows != "all":
-        kinds = [k for k in kinds if any(s in k for s in args.rows.split(","))]
+        kinds = [k for k in kinds if k in args.rows.split(",")]
     results = [measure(k, args) for k in kinds]
     by = {r["row"]: r for r in results}
     q, f = by.get("peft qlora r16"), by.get("frozen bf16")

@@ -81,6 +81,10 @@ def linear4bit_from_packed(base: nn.Module, shape: tuple, packed: torch.Tensor, 
     import bitsandbytes as bnb
 
     out_f, in_f = shape
+    # The residual is quantized from fp32, so bitsandbytes records fp32 as the dequantized
+    # dtype; every forward/backward would then dequantize to fp32 and cast. Dequantizing
+    # straight to the compute dtype rounds the same fp32 products once and halves that traffic.
+    state.dtype = compute_dtype
     lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, compress_statistics=double_quant,
                             quant_type="nf4", quant_storage=torch.bfloat16, device=packed.device)
     lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
