@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = ROWS if args.rows == "all" else [r for r in ROWS if name(r) in args.rows.split(",")]
+    time_row(("randomized", 16, "nf4", 1), 1)  # warm-up: cuSOLVER/cuRAND handles, bitsandbytes kernels
     results = [time_row(r, args.layers) for r in rows]
     dev = torch.cuda.get_device_name()
     lines = [f"# Adapter init time, Llama-2-7B shape ({args.layers} layers, 7 projections each), one GPU", "",

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from ..layer import AdapterLayer, Role
 
 
-def reference(h, x, Vh, U, sigma, scale=None, bias=None):
-    """The layer's map in plain autograd ops -- the formula the fused function must equal
-    (tests gradcheck one against the other in float64). ``h = W_res x + b`` (base layer)."""
-    p = h + F.linear(F.linear(x, Vh) * sigma, U)
+def plain_forward(h, x, Vh, U, sigma, scale=None, bias=None):
+    """The layer's map after the base layer (``h = W_res x + b``) in plain autograd ops:
+    the default path, and the formula :class:`ScaledLowRank` must equal (gradcheck)."""
+    p = h + F.linear(F.linear(x, Vh) * sigma, U).to(h.dtype)
     if scale is None:
         return p
     return p * scale if bias is None else p * scale + bias * (1 - scale)
@@ -44,6 +44,11 @@ class ScaledLowRank(torch.autograd.Function):
     incoming gradient), ``ds = sum(g*p) - b*sum(g)`` and ``dsigma = sum((g s U) * a)``
     reduced in fp32, ``dx = ((g s U) * sigma) V^T``; ``U``/``V`` get no gradient (frozen).
     Autocast is off inside: the work dtype is ``h``'s, chosen by the base layer.
+
+    Not the default (``SVDScaleLayer.fused``): on the H100 the 7B-shaped training step is
+    bound by kernel launches on the host, and this function's Python backward costs more
+    host time than the plain ops' C++ autograd nodes save; it measured 8% slower
+    (bench/results/perf_notes.md). It stays, tested, for GPU-bound settings.
     """
 
     @staticmethod
@@ -96,6 +101,8 @@ class SVDScaleLayer(AdapterLayer):
     roles = {"sigma": Role.TRAINABLE, "scale": Role.TRAINABLE, "U": Role.FACTOR, "Vh": Role.FACTOR, "sigma0": Role.INIT}
     options = {"scale": "output"}
     needs_svd = "top"
+    #: use the ScaledLowRank autograd function instead of plain ops (see its docstring)
+    fused: bool = False
 
     def __init__(self, base_layer, rank, opts, factor_dtype, device=None):
         if opts["scale"] == "none":  # declared roles follow the option: no unused parameter
@@ -133,7 +140,10 @@ class SVDScaleLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)  # W_res x + b
-        if "scale" not in self.roles:
-            return fused_forward(h, x, self.Vh, self.U, self.sigma)
+        scale = self.scale if "scale" in self.roles else None
         # s * (W_res x + delta) + b == s * (h - b) + b: the bias stays outside the scale.
-        return fused_forward(h, x, self.Vh, self.U, self.sigma, self.scale, getattr(self.base_layer, "bias", None))
+        bias = getattr(self.base_layer, "bias", None) if scale is not None else None
+        if self.fused:
+            return fused_forward(h, x, self.Vh, self.U, self.sigma, scale, bias)
+        return plain_forward(h, x, self.cast(self.Vh, x), self.cast(self.U, x), self.cast(self.sigma, x),
+                             None if scale is None else self.cast(scale, h), None if bias is None else self.cast(bias, h))
