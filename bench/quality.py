@@ -117,7 +117,7 @@ class Bench:
         re-applied to the original base from its saved file alone)."""
         runs, best, kept = {}, None, {}
         for lr in lrs:
-            cached = (self.run_dir(task, row, lr, 0, "validation") / "test.json").is_file()
+            cached = (self.run_dir(task, row, lr, 0, "validation") / "metrics.json").is_file()
             keep = None if cached else {}
             runs[lr] = self.train(task, row, keys, lr, 0, "validation", self.a.val, keep=keep)
             if best is None or (runs[lr]["accuracy_after"], -final_loss(runs[lr])) > \
@@ -125,6 +125,9 @@ class Bench:
                 best, kept = lr, keep  # the previous best's model is released here
             del keep
             gc.collect()
+        if not (self.run_dir(task, row, best, 0, "validation") / "test.json").is_file() and not kept:
+            kept = {}  # an interrupted earlier invocation: train the chosen run again to score it
+            self.train(task, row, keys, best, 0, "validation", self.a.val, keep=kept)
         cache = self.run_dir(task, row, best, 0, "validation") / "test.json"
         if not cache.is_file():
             from svd_scale.data import load_splits
