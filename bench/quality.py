@@ -135,7 +135,8 @@ class Bench:
 
             acc = choice_accuracy(kept["model"], kept["tokenizer"], load_splits(TASKS[task]).test[: self.a.test])
             cache.write_text(json.dumps({"accuracy": acc}))
-        kept.clear()
+        if kept:
+            kept.clear()
         return best, runs, json.loads(cache.read_text())["accuracy"]
 
     def base_accuracy(self, task: str) -> float:
