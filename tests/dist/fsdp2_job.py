@@ -1,0 +1,122 @@
+"""One multi-rank FSDP2 job (gloo, CPU) that runs every FSDP2 check, so CI pays torchrun's
+start-up once per world size. Launched by tests/test_fsdp2.py:
+
+    torchrun --nproc_per_node N tests/dist/fsdp2_job.py --model DIR --out DIR
+
+Each rank also builds the single-process reference itself (the model is tiny), so every
+comparison is against plain, unsharded svd_scale on the same weights. It only records
+facts (rank<k>.json); the assertions live in the pytest file.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import svd_scale  # noqa: E402
+from svd_scale import fsdp  # noqa: E402
+from svd_scale.io import adapter_state_dict, save_adapter  # noqa: E402
+
+GLOBAL_BATCH, SEQ, STEPS = 6, 12, 5
+LR = {"svd_scale": 1e-2, "pissa": 1e-3}
+
+
+def batches(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(STEPS)]
+
+
+def train(model, data, lr, rank=0, world=1):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for x in data:
+        mine = x.chunk(world)[rank]  # equal token counts per rank: mean of means == global mean
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(t)
+        losses.append(t.item() / world)
+    return losses, opt
+
+
+def local_numel(model) -> tuple[int, int]:
+    loc = tot = 0
+    for n, p in model.named_parameters():
+        if not n.endswith("weight") or not hasattr(p, "to_local"):
+            continue
+        loc += p.to_local().numel()
+        tot += p.numel()
+    return loc, tot
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(a.out)
+    facts = {"world": world}
+    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    vocab = base.config.vocab_size
+    data = batches(vocab)
+    x0 = data[0]
+    with torch.no_grad():
+        base_logits = base(input_ids=x0).logits
+    for method in ("svd_scale", "pissa"):
+        cfg = svd_scale.AdapterConfig(method=method, rank=4, svd="full")
+        ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
+        ref_init = adapter_state_dict(ref)
+        model = fsdp.load_sharded(a.model, cfg)
+        f = facts[method] = {}
+        f["local_numel"], f["total_numel"] = local_numel(model)
+        f["max_full_numel"] = model.svd_scale_fsdp_max_full_numel
+        f["largest_weight"] = max(m.weight.numel() for _, m in svd_scale.inject.find_targets(base, "all-linear"))
+        got_init = adapter_state_dict(model)  # collective
+        f["factor_err"] = max((got_init[k] - v).abs().max().item() for k, v in ref_init.items())
+        with torch.no_grad():
+            f["init_logits_err"] = (model(input_ids=x0).logits - base_logits).abs().max().item()
+        f["ref_losses"], _ = train(ref, data, LR[method])
+        f["losses"], _ = train(model, data, LR[method], rank, world)
+        save_adapter(model, str(out / f"adapter_{method}"))  # collective; rank 0 writes
+        dist.barrier()
+        saved = load_file(str(out / f"adapter_{method}" / "adapter.safetensors"))
+        want = adapter_state_dict(ref)
+        f["export_err"] = max((saved[k] - v).abs().max().item() for k, v in want.items())
+        f["export_dtypes"] = sorted({str(saved[k].dtype) for k in saved if k.endswith(("sigma", "scale"))})
+        f["export_keys_equal"] = sorted(saved) == sorted(want)
+    # bf16 mixed precision: trainables and optimizer state stay fp32 in the shards
+    cfg = svd_scale.AdapterConfig(rank=4, svd="full")
+    model = fsdp.load_sharded(a.model, cfg, dtype=torch.bfloat16, mp=fsdp.mixed_precision("bf16"))
+    losses, opt = train(model, data, LR["svd_scale"], rank, world)
+    facts["bf16"] = {
+        "losses": losses,
+        "trainable": sorted({str(p.to_local().dtype) for p in model.parameters() if p.requires_grad}),
+        "frozen": sorted({str(p.to_local().dtype) for p in model.parameters() if not p.requires_grad}),
+        "optimizer": sorted({str(v.dtype) for s in opt.state.values() for k, v in s.items() if k != "step"}),
+    }
+    # bad input is refused before any weight is read
+    try:
+        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(method="sorsa", rank=4))
+        facts["sorsa_refused"] = ""
+    except ValueError as e:
+        facts["sorsa_refused"] = str(e)
+    (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
