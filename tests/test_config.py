@@ -61,3 +61,13 @@ def test_readme_examples_parse(overrides, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config("configs/quickstart.yaml", overrides)
     assert cfg.adapter.rank > 0
+
+
+def test_eval_split_is_checked_before_any_work():
+    import pytest
+
+    from svd_scale.config import load_config
+
+    assert load_config(None, ("train.eval_split=validation",)).train.eval_split == "validation"
+    with pytest.raises(ValueError, match=r"train.eval_split must be one of \['test', 'validation'\], got 'val'"):
+        load_config(None, ("train.eval_split=val",))
