@@ -49,3 +49,14 @@ def test_jsonl_file_and_bad_columns(tmp_path):
     bad.write_text(json.dumps({"question": "x"}))
     with pytest.raises(ValueError, match=r"needs 'prompt' and 'completion' columns.*\['question'\]"):
         load_splits(str(bad))
+
+
+def test_plot_vs_review_is_balanced_and_split():
+    from svd_scale.builtin import plot_vs_review_records
+
+    recs = plot_vs_review_records()
+    labels = [r["completion"] for r in recs]
+    assert labels.count(" plot") == labels.count(" review") > 1000
+    s = load_splits("builtin:plot_vs_review")
+    assert len(s.test) == 500 and len(s.validation) == 500
+    assert not {r["prompt"] for r in s.test} & {r["prompt"] for r in s.train}
