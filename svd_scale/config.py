@@ -20,7 +20,7 @@ from .svd import ALGORITHMS
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_TYPES = ("none", "nf4")
 SCALE_MODES = ("output", "none")
-ENGINES = ("auto", "single", "deepspeed")  # FSDP2: see the README's status section
+ENGINES = ("auto", "single", "deepspeed", "fsdp2")
 PRECISIONS = ("fp32", "bf16")
 EVAL_SPLITS = ("test", "validation")
 
@@ -114,7 +114,7 @@ class TrainConfig:
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final adapter)"})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 (base in bf16; sigma/s and other trainables stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed"})
+    engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed, fsdp2 (under torchrun)"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
@@ -131,6 +131,8 @@ class TrainConfig:
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ValueError("train.engine=deepspeed needs train.deepspeed=<json config>, e.g. configs/deepspeed/zero3.json")
+        if self.engine == "fsdp2" and self.deepspeed:
+            raise ValueError("train.engine=fsdp2 and train.deepspeed are exclusive: drop one")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ValueError(f"train.deepspeed: no such file {self.deepspeed!r}")
 
@@ -149,6 +151,12 @@ class RunConfig:
     eval_data: Optional[str] = field(default=None, metadata={"help": "held-out JSONL/CSV (built-in data brings its own fixed split)"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.engine == "fsdp2":
+            from .fsdp import check_supported
+
+            check_supported(self.adapter)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

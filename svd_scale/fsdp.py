@@ -38,6 +38,15 @@ from .methods import get_method
 from .losses import has_regularizer
 
 
+def check_supported(cfg: AdapterConfig) -> None:
+    """What FSDP2 runs today; called by the config, before any model is loaded."""
+    if cfg.quant != "none":
+        raise ValueError(f"adapter.quant={cfg.quant!r} is not supported under fsdp2 yet (use deepspeed ZeRO-3 for NF4)")
+    if has_regularizer(get_method(cfg.method)):
+        raise ValueError(f"method {cfg.method!r} adds a regularizer, not supported under fsdp2 yet; "
+                         "use svd_scale, svfit, pissa or lora, or deepspeed ZeRO-3")
+
+
 def _local_slices(p) -> tuple[slice, ...]:
     """This rank's index ranges of a DTensor parameter, per dimension."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -104,11 +113,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cls = get_method(cfg.method)
-    if cfg.quant != "none":
-        raise ValueError(f"adapter.quant={cfg.quant!r} is not supported under fsdp2 yet (use deepspeed ZeRO-3 for NF4)")
-    if has_regularizer(cls):
-        raise ValueError(f"method {cfg.method!r} adds a regularizer, not supported under fsdp2 yet; "
-                         "use svd_scale, svfit, pissa or lora, or deepspeed ZeRO-3")
+    check_supported(cfg)
     files = _checkpoint_files(path)
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)

@@ -81,11 +81,17 @@ def load_model_and_tokenizer(cfg: RunConfig):
 
     path = builtin.resolve_model_path(cfg.model)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, tok
+    return tok
 
 
 def is_main() -> bool:
@@ -110,7 +116,8 @@ def training_arguments(cfg: RunConfig, **extra):
         save_steps=t.save_steps or 500,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=t.precision == "bf16" and not extra.get("deepspeed"),  # DeepSpeed: torch_autocast in its config
+        # DeepSpeed: torch_autocast in its config; FSDP2: the MixedPrecisionPolicy set at sharding
+        bf16=t.precision == "bf16" and not extra.get("deepspeed") and t.engine != "fsdp2",
         gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
@@ -183,12 +190,32 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
         import deepspeed
 
         deepspeed.init_distributed()  # deepspeed.comm must be up before zero.Init reads the world size
-    args = training_arguments(cfg, deepspeed=ds)
+    fsdp2 = engine == "fsdp2"
+    if fsdp2 and adapt is not None:
+        raise ValueError("engine fsdp2 builds its own sharded model; a custom adapt() needs engine single or deepspeed")
+    if fsdp2 and resume:
+        raise ValueError("--resume under engine fsdp2 is not supported yet (the sharded optimizer state is not "
+                         "checkpointed); use engine deepspeed or single to resume")
+    # fsdp2: checkpoints hold the adapter only (transformers does not checkpoint the optimizer of a
+    # model sharded at load time).
+    extra = {"save_only_model": True} if fsdp2 else {}
+    args = training_arguments(cfg, deepspeed=ds, **extra)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage") == 3
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else contextlib.nullcontext():
-        model, tok = load_model_and_tokenizer(cfg)  # under ZeRO-3: built partitioned
+    t_init = time.time()
+    if fsdp2:  # built sharded and adapted in one pass (svd_scale.fsdp)
+        from . import fsdp
+
+        tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
+        model = fsdp.load_sharded(builtin.resolve_model_path(cfg.model), cfg.adapter, dtype,
+                                  fsdp.mixed_precision(cfg.train.precision), seed=cfg.train.seed)
+        # transformers' flag for a model sharded at load time: its Trainer then neither wraps it in
+        # DDP nor shards it again, and FSDP2 reduces the gradients itself.
+        model._is_distributed_loading_by_transformers = True
+    else:
+        with zero3_loading(args.hf_deepspeed_config.config, dtype) if zero3 else contextlib.nullcontext():
+            model, tok = load_model_and_tokenizer(cfg)  # under ZeRO-3: built partitioned
     held_out = splits.validation if cfg.train.eval_split == "validation" else splits.test
     if cfg.train.eval_split == "validation" and not held_out and cfg.train.eval_examples:
         raise ValueError(f"train.eval_split=validation: data {cfg.data!r} has no validation split (built-in data only)")
@@ -197,9 +224,10 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
                      "rank": cfg.adapter.rank, "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
                      "lr": cfg.train.lr, "engine": engine, "eval_split": cfg.train.eval_split,
                      "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-    t_init = time.time()
-    model = adapt(model) if adapt else apply(model, cfg.adapter, seed=cfg.train.seed,
-                                                   access=access_for(model, args.hf_deepspeed_config.config if ds else None))
+    if not fsdp2:
+        t_init = time.time()
+        model = adapt(model) if adapt else apply(model, cfg.adapter, seed=cfg.train.seed,
+                                                       access=access_for(model, args.hf_deepspeed_config.config if ds else None))
     metrics["init_seconds"] = round(time.time() - t_init, 2)
     metrics["trainable_params"], metrics["total_params"] = parameter_counts(model)
     _say(f"adapter: {metrics['method']}{'' if adapt else f' r={cfg.adapter.rank}'}, trainable {metrics['trainable_params']:,} of "

@@ -71,3 +71,17 @@ def test_eval_split_is_checked_before_any_work():
     assert load_config(None, ("train.eval_split=validation",)).train.eval_split == "validation"
     with pytest.raises(ValueError, match=r"train.eval_split must be one of \['test', 'validation'\], got 'val'"):
         load_config(None, ("train.eval_split=val",))
+
+
+def test_fsdp2_refuses_what_it_does_not_run_before_any_work():
+    import pytest
+
+    from svd_scale.config import load_config
+
+    assert load_config("configs/fsdp/quickstart.yaml").train.engine == "fsdp2"
+    with pytest.raises(ValueError, match=r"adapter.quant='nf4' is not supported under fsdp2"):
+        load_config(None, ("train.engine=fsdp2", "adapter.quant=nf4"))
+    with pytest.raises(ValueError, match=r"method 'sorsa' adds a regularizer.*deepspeed ZeRO-3"):
+        load_config(None, ("train.engine=fsdp2", "method=sorsa"))
+    with pytest.raises(ValueError, match=r"fsdp2 and train.deepspeed are exclusive"):
+        load_config(None, ("train.engine=fsdp2", "train.deepspeed=configs/deepspeed/zero3.json"))

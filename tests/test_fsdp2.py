@@ -54,10 +54,30 @@ def _launch(n: int, model: str, out: Path) -> list:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def job(request, model_dir, tmp_path_factory):
-    return _launch(request.param, model_dir, tmp_path_factory.mktemp(f"fsdp2_w{request.param}"))
+    out = tmp_path_factory.mktemp(f"fsdp2_w{request.param}")
+    facts = _launch(request.param, model_dir, out)
+    facts[0]["out"] = str(out)
+    return facts
 
 
 METHODS = ("svd_scale", "pissa")
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    """Single-process references of the launch path with the same global batch (2 per rank x world)."""
+    sys.path.insert(0, str(JOB.parent))
+    from fsdp2_job import RUN_ARGS
+
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    refs = {}
+    for world in (2, 3):
+        out = tmp_path_factory.mktemp(f"fsdp2_single_{world}")
+        refs[world] = run(load_config(None, (f"model={model_dir}", *RUN_ARGS, f"train.batch_size={2 * world}",
+                                             f"train.output_dir={out}"))), out
+    return refs
 
 
 def test_base_is_sharded_from_load_on(job):
@@ -105,3 +125,22 @@ def test_bf16_mixed_precision_keeps_trainables_and_optimizer_fp32(job):
 
 def test_unsupported_method_is_refused_with_the_alternatives(job):
     assert "sorsa" in job[0]["sorsa_refused"] and "deepspeed ZeRO-3" in job[0]["sorsa_refused"]
+
+
+def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, single):
+    """launch/train.py's run() with train.engine=fsdp2: Trainer, per-rank data, held-out
+    evaluation (a collective) and export, against engine single with the same global batch."""
+    from safetensors.torch import load_file
+
+    world, out = job[0]["world"], Path(job[0]["out"]) / "train"
+    ref, ref_out = single[world]
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["engine"] == "fsdp2" and got["world_size"] == world and got["dtypes"]["trainable"] == ["torch.float32"]
+    a, b = (torch.tensor([l for _, l in m["losses"]]) for m in (got, ref))
+    assert len(a) == len(b) == 10
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+    assert got["accuracy_before"] == ref["accuracy_before"] and got["accuracy_after"] == ref["accuracy_after"]
+    mine, theirs = load_file(str(out / "adapter" / "adapter.safetensors")), load_file(str(ref_out / "adapter" / "adapter.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)

@@ -27,6 +27,9 @@ from svd_scale.io import adapter_state_dict, save_adapter  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 6, 12, 5
 LR = {"svd_scale": 1e-2, "pissa": 1e-3}
+# shared with tests/test_fsdp2.py's single-process reference (which uses batch 2 x world)
+RUN_ARGS = ("rank=8", "train.eval_examples=24", "train.logging_steps=1", "train.max_length=48", "train.lr=1e-2",
+            "train.max_steps=10")
 
 
 def batches(vocab: int):
@@ -113,6 +116,12 @@ def main():
         facts["sorsa_refused"] = ""
     except ValueError as e:
         facts["sorsa_refused"] = str(e)
+    # the launch path: svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export)
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    run(load_config(None, (f"model={a.model}", *RUN_ARGS, "train.batch_size=2", "train.engine=fsdp2",
+                           f"train.output_dir={out / 'train'}")))
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
     dist.barrier()
     dist.destroy_process_group()
