@@ -3,6 +3,7 @@
 
     python launch/train.py --config configs/quickstart.yaml [key=value ...]
     deepspeed launch/train.py --config configs/llama2-7b.yaml train.deepspeed=configs/deepspeed/zero3.json
+    torchrun --nproc_per_node 2 launch/train.py --config configs/fsdp/quickstart.yaml
     python launch/train.py --help-config        # every key, its default and meaning
 """
 import argparse
