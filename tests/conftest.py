@@ -50,3 +50,30 @@ def smollm2_path():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 128, (2, 12), generator=g)
+
+
+def free_port() -> int:
+    """A free TCP port for a multi-rank launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_tiny_llama_with_real_tokenizer(d, tie_word_embeddings: bool = False) -> str:
+    """A tiny random Llama with SmolLM2's real tokenizer as a from_pretrained folder (the
+    distributed jobs' model: real vocabulary, so the built-in data tokenizes as in the quickstart)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from svd_scale.builtin import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=tie_word_embeddings)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)

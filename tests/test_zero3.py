@@ -6,13 +6,13 @@ Each world size is one `deepspeed` launch of tests/dist/zero3_job.py (start-up c
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, save_tiny_llama_with_real_tokenizer
 from safetensors.torch import load_file
 
 import svd_scale
@@ -24,33 +24,16 @@ JOB = ROOT / "tests" / "dist" / "zero3_job.py"
 TOL_LOSS = 1e-4  # relative: fp32 both ways; only the gradient all-reduce order differs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's real tokenizer, saved as a from_pretrained folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from svd_scale.builtin import smollm2_path
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    """A tiny random Llama (untied embeddings) with SmolLM2's real tokenizer."""
+    return save_tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("tiny_llama"), tie_word_embeddings=False)
 
 
 def _launch(n: int, model: str, out: Path, *flags: str) -> Path:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(n), "--master_port", str(_free_port()), str(JOB),
+    cmd = [str(deepspeed), "--num_gpus", str(n), "--master_port", str(free_port()), str(JOB),
            "--model", model, "--out", str(out), *flags]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
