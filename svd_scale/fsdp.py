@@ -17,9 +17,12 @@ The FSDP2 counterpart of ``distributed.py`` (ZeRO-3), for ``torchrun`` jobs:
    runs: the sharded trainables (``sigma``, ``scale``) and their optimizer state stay fp32;
    FSDP2 casts the all-gathered copies for compute.
 
-Not yet here (issue 6 is open): NF4 residuals under FSDP2 (a ``Params4bit`` loses its
-QuantState when FSDP2 swaps in the unsharded tensor), methods with a regularizer (their
-loss reads parameters outside the owning module's forward), the ``launch/train.py`` engine.
+NF4 residuals (``quant: nf4``): the target's base layer becomes a
+:class:`svd_scale.quant.ShardableNF4Linear` before sharding (a ``Params4bit`` would lose its
+QuantState when FSDP2 swaps in the unsharded tensor); its packed codes and block scales are
+ordinary sharded parameters, and the dense weight is never a parameter: its owner reads it from
+the checkpoint at init. Not yet here (issue 6 is open): double quantization, methods with a
+regularizer (their loss reads parameters outside the owning module's forward), resume.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import AdapterConfig
+from .layer import is_conv1d
 from .inject import (WeightAccess, attach_training_state, check_ranks, compute_dtype, find_targets, from_out_in,
                      initialize, mark_trainable, to_out_in, wrap)
 from .methods import get_method
@@ -40,8 +44,9 @@ from .losses import has_regularizer
 
 def check_supported(cfg: AdapterConfig) -> None:
     """What FSDP2 runs today; called by the config, before any model is loaded."""
-    if cfg.quant != "none":
-        raise ValueError(f"adapter.quant={cfg.quant!r} is not supported under fsdp2 yet (use deepspeed ZeRO-3 for NF4)")
+    if cfg.quant == "nf4" and cfg.double_quant:
+        raise ValueError("adapter.double_quant=true is not supported under fsdp2 yet (the nested QuantState is "
+                         "not a shardable tensor); use double_quant=false, or deepspeed ZeRO-3")
     if has_regularizer(get_method(cfg.method)):
         raise ValueError(f"method {cfg.method!r} adds a regularizer, not supported under fsdp2 yet; "
                          "use svd_scale, svfit, pissa or lora, or deepspeed ZeRO-3")
@@ -120,6 +125,17 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     targets = find_targets(model, cfg.target_modules)
     check_ranks(targets, cfg.rank, cls)
     layers = wrap(model, targets, cfg)
+    dense = {}  # nf4: target name -> checkpoint key of its dense weight (read by the owner only, at init)
+    if cfg.quant == "nf4":
+        from .quant import ShardableNF4Linear
+
+        for name, layer in layers:
+            base = layer.base_layer
+            dense[name] = name + ".weight"
+            with torch.device("meta"):
+                layer.base_layer = ShardableNF4Linear(layer.out_features, layer.in_features, layer.compute_dtype,
+                                                      bias=getattr(base, "bias", None))
+            layer.base_layer.svd_scale_was_conv1d = is_conv1d(base)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     shard(model, mp)
     model.to_empty(device="cpu")
@@ -130,7 +146,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
         # output head (it gets its own shard), so the head is filled from the embedding's key.
         wanted: dict[str, list] = {}
         for n, p in model.named_parameters():
-            if not _is_adapter_param(model, n):
+            if not _is_adapter_param(model, n) and not _is_nf4_param(model, n):
                 wanted.setdefault(_tied_source(model, _base_name(n)), []).append(p)
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
@@ -139,7 +155,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
                         _write_local(p, _Rows(fh.get_slice(key)))
         if wanted:
             raise KeyError(f"fsdp2 load: {path} has no tensors for {sorted(wanted)[:5]}")
-    access = FSDP2Access()
+    access = FSDP2Access(_TensorReader(files) if dense else None)
     initialize(layers, cfg, access=access, seed=seed)
     model.svd_scale_fsdp_max_full_numel = access.max_full_numel
     attach_training_state(model, layers)
@@ -166,6 +182,29 @@ def _is_adapter_param(model: nn.Module, name: str) -> bool:
     return any(owner == n and leaf in layer.roles for n, layer in adapter_layers(model))
 
 
+def _is_nf4_param(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in ("weight", "absmax") and type(model.get_submodule(owner)).__name__ == "ShardableNF4Linear"
+
+
+class _TensorReader:
+    """Whole tensors by checkpoint key, read on demand (the NF4 path's dense target weights)."""
+
+    def __init__(self, files: list):
+        from safetensors import safe_open
+
+        self.where = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                self.where.update({k: f for k in fh.keys()})
+
+    def __call__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), framework="pt") as fh:
+            return fh.get_tensor(key)
+
+
 def _tied_source(model: nn.Module, key: str) -> str:
     """The checkpoint key that holds ``key``'s values (a tied head reads the embedding)."""
     if key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
@@ -175,9 +214,13 @@ def _tied_source(model: nn.Module, key: str) -> str:
 
 
 class FSDP2Access(WeightAccess):
-    """Owner-per-weight init over FSDP2 shards (module docstring, step 2)."""
+    """Owner-per-weight init over FSDP2 shards (module docstring, step 2). With ``read``
+    (NF4 residuals) the dense weight is not a parameter at all: the owner reads it from the
+    checkpoint, decomposes it and quantizes the residual; every rank receives the factors and
+    the packed codes and keeps its rows of them."""
 
-    def __init__(self):
+    def __init__(self, read=None):
+        self.read = read
         self.max_full_numel = 0  # the largest weight gathered whole (tests check the bound)
 
     def run(self, layers, compute) -> None:
@@ -186,19 +229,44 @@ class FSDP2Access(WeightAccess):
             owner = i % size
             with torch.no_grad():
                 weight = layer.base_layer.weight
-                W = compute_dtype(to_out_in(layer.base_layer, weight.full_tensor()))
-                self.max_full_numel = max(self.max_full_numel, W.numel())
+                if self.read is None:
+                    W = compute_dtype(to_out_in(layer.base_layer, weight.full_tensor()))
+                elif rank == owner:
+                    raw = self.read(name + ".weight")
+                    W = compute_dtype(raw.t() if getattr(layer.base_layer, "svd_scale_was_conv1d", False) else raw)
+                else:
+                    W = None
+                if W is not None:
+                    self.max_full_numel = max(self.max_full_numel, W.numel())
                 shapes = type(layer).shapes(layer.out_features, layer.in_features, layer.rank, layer.opts)
                 values = compute(i, name, layer, W) if rank == owner else {}
                 for t in sorted(shapes):
                     p = getattr(layer, t)
                     full = values.get(t)
-                    full = (full.to(p.dtype) if full is not None
-                            else torch.empty(shapes[t], dtype=p.dtype, device=W.device))
+                    dev = p.to_local().device
+                    full = full.to(dev, p.dtype) if full is not None else torch.empty(shapes[t], dtype=p.dtype, device=dev)
                     if size > 1:
                         dist.broadcast(full, src=owner)
                     _write_local(p, full)
                 full_state = {t: getattr(layer, t).full_tensor() for t in shapes}
-                rem = type(layer).removed({k: v.to(W.dtype) for k, v in full_state.items()}, layer.opts)
-                res = W if rem is None else W - rem
-                _write_local(weight, from_out_in(layer.base_layer, res))
+                if self.read is None:
+                    _write_local(weight, from_out_in(layer.base_layer, _residual(layer, W, full_state)))
+                    continue
+                base = layer.base_layer
+                if rank == owner:
+                    packed, absmax = (t.to(base.weight.to_local().device) for t in base.payload(_residual(layer, W, full_state)))
+                else:
+                    dev = base.weight.to_local().device
+                    packed = torch.empty(base.weight.shape, dtype=torch.bfloat16, device=dev)
+                    absmax = torch.empty(base.absmax.shape, dtype=torch.bfloat16, device=dev)
+                if size > 1:
+                    dist.broadcast(packed, src=owner)
+                    dist.broadcast(absmax, src=owner)
+                _write_local(base.weight, packed)
+                _write_local(base.absmax, absmax)
+
+
+def _residual(layer, W: torch.Tensor, full_state: dict) -> torch.Tensor:
+    """``W - removed`` from the tensors as stored (as ``inject.residual_of``)."""
+    rem = type(layer).removed({k: v.to(W.dtype) for k, v in full_state.items()}, layer.opts)
+    return W if rem is None else W - rem

@@ -95,6 +95,47 @@ def linear4bit_from_packed(base: nn.Module, shape: tuple, packed: torch.Tensor, 
     return lin
 
 
+class ShardableNF4Linear(nn.Module):
+    """An NF4 weight stored as plain parameters that FSDP2 shards like any other (issue 6).
+
+    ``bnb.nn.Linear4bit`` keeps its QuantState on the ``Params4bit`` object, which FSDP2 replaces by
+    a plain tensor when it swaps in the unsharded parameter, so the 4-bit layer breaks (accelerate's
+    FSDP2 path therefore leaves 4-bit weights unsharded). Here the two per-weight tensors are
+    parameters: the packed codes (bf16 storage, 4 codes per element) and the fp32 block scales
+    ``absmax`` *viewed as bf16 pairs*, so that a bf16 ``MixedPrecisionPolicy`` cast is a no-op on
+    their bits. The rest of the QuantState is constant (the NF4 code table, block size, shape) and
+    is rebuilt around the gathered tensors in ``forward``; bitsandbytes does the matmul.
+    """
+
+    def __init__(self, out_f: int, in_f: int, compute_dtype: torch.dtype, bias: "nn.Parameter | None" = None,
+                 device=None):
+        import bitsandbytes.functional as bnbF
+
+        super().__init__()
+        n = out_f * in_f
+        self.out_features, self.in_features, self.compute_dtype = out_f, in_f, compute_dtype
+        self.weight = nn.Parameter(torch.empty(n // 4, 1, dtype=torch.bfloat16, device=device), requires_grad=False)
+        self.absmax = nn.Parameter(torch.empty(2 * (n // BLOCKSIZE), dtype=torch.bfloat16, device=device),
+                                   requires_grad=False)
+        self.register_buffer("code", bnbF.get_4bit_type("nf4", device="cpu"), persistent=False)
+        self.bias = bias
+
+    @staticmethod
+    def payload(W_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed codes, absmax as bf16 pairs) of NF4(W_res), shaped like the two parameters."""
+        packed, state = quantize_nf4(W_res.float(), double_quant=False)
+        return packed.reshape(-1, 1), state.absmax.float().contiguous().view(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbF
+
+        state = bnbF.QuantState(absmax=self.absmax.view(torch.float32), shape=torch.Size((self.out_features, self.in_features)),
+                                code=self.code.to(x.device), blocksize=BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=state)
+
+
 def state_to_payload(packed: torch.Tensor, state) -> dict:
     """Everything a 4-bit weight is, as plain tensors (for broadcasting from its owner rank)."""
     return {"packed": packed.cpu(), "state": {k: v.cpu() if torch.is_tensor(v) else v

@@ -79,8 +79,9 @@ def test_fsdp2_refuses_what_it_does_not_run_before_any_work():
     from svd_scale.config import load_config
 
     assert load_config("configs/fsdp/quickstart.yaml").train.engine == "fsdp2"
-    with pytest.raises(ValueError, match=r"adapter.quant='nf4' is not supported under fsdp2"):
-        load_config(None, ("train.engine=fsdp2", "adapter.quant=nf4"))
+    assert load_config(None, ("train.engine=fsdp2", "adapter.quant=nf4")).adapter.quant == "nf4"
+    with pytest.raises(ValueError, match=r"adapter.double_quant=true is not supported under fsdp2"):
+        load_config(None, ("train.engine=fsdp2", "adapter.quant=nf4", "adapter.double_quant=true"))
     with pytest.raises(ValueError, match=r"method 'sorsa' adds a regularizer.*deepspeed ZeRO-3"):
         load_config(None, ("train.engine=fsdp2", "method=sorsa"))
     with pytest.raises(ValueError, match=r"fsdp2 and train.deepspeed are exclusive"):

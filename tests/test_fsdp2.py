@@ -127,3 +127,17 @@ def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, s
     assert sorted(mine) == sorted(theirs)
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nf4_residual_is_sharded_and_equals_the_one_process_bitsandbytes_model(job):
+    """quant: nf4 under FSDP2: the packed codes and block scales are partitioned like any
+    parameter, and the model computes what one process's bnb Linear4bit model computes."""
+    world = job[0]["world"]
+    for f in job:
+        n = f["nf4"]
+        assert n["base_layer"] == "ShardableNF4Linear"
+        assert abs(n["local4"] - n["total4"] / world) <= 64 * world, (n["local4"], n["total4"])
+        assert n["max_full_numel"] <= f["svd_scale"]["largest_weight"]
+        assert n["logits_err"] <= 1e-5 and n["logits_vs_base"] > 1e-3  # 4-bit, yet identical to bnb's
+        torch.testing.assert_close(torch.tensor(n["losses"]), torch.tensor(n["ref_losses"]), rtol=1e-5, atol=0)
+    assert sum(f["nf4"]["local4"] for f in job) == job[0]["nf4"]["total4"]
