@@ -110,9 +110,11 @@ def _base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float32, mp=None, seed: int = 0) -> nn.Module:
+def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float32, mp=None, seed: int = 0,
+                 device: Optional[torch.device] = None) -> nn.Module:
     """Build ``path``'s model sharded over the current process group, with ``cfg``'s adapters
-    initialized (module docstring). Bad configurations fail before any weight is read."""
+    initialized (module docstring), on ``device`` (default: this rank's GPU if there is one).
+    Bad configurations fail before any weight is read."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -138,7 +140,9 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
             layer.base_layer.svd_scale_was_conv1d = is_conv1d(base)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     shard(model, mp)
-    model.to_empty(device="cpu")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to_empty(device=device)
     with torch.no_grad():
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
@@ -232,7 +236,7 @@ class FSDP2Access(WeightAccess):
                 if self.read is None:
                     W = compute_dtype(to_out_in(layer.base_layer, weight.full_tensor()))
                 elif rank == owner:
-                    raw = self.read(name + ".weight")
+                    raw = self.read(name + ".weight").to(weight.to_local().device)
                     W = compute_dtype(raw.t() if getattr(layer.base_layer, "svd_scale_was_conv1d", False) else raw)
                 else:
                     W = None

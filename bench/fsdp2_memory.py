@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Per-rank memory of the FSDP2 path (issue 6): bf16 vs NF4 residual, under torchrun.
+
+    torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--out FILE]
+
+Rank 0 writes a Llama-2-7B-shaped checkpoint with random weights (``--layers`` decoder layers;
+shapes decide memory), then every row loads it with ``svd_scale.fsdp.load_sharded`` (svd_scale r=64,
+bf16, MixedPrecisionPolicy bf16) and reports per rank: parameter bytes held locally after init,
+the peak allocated during load + init, and the peak of 3 training steps (seq 2048, batch 1,
+gradient checkpointing). GPU if present (nccl), else CPU (gloo; memory from the local tensors only).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+
+
+def checkpoint(path: Path, layers: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+
+
+def row(path: Path, quant: str, cuda: bool) -> dict:
+    import svd_scale
+    from svd_scale import fsdp
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model = fsdp.load_sharded(str(path), svd_scale.AdapterConfig(rank=64, quant=quant, quant_iters=1), torch.bfloat16,
+                              fsdp.mixed_precision("bf16"))
+    init_s = time.time() - t0
+    local = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
+    out = {"row": f"svd_scale r64 {quant}", "local_param_gib": local / 2**30, "init_s": init_s}
+    if cuda:
+        out["load_init_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    x = torch.randint(0, 32000, (1, 2048), device="cuda" if cuda else "cpu")
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if cuda:
+        out["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ckpt", default="/tmp/svd_scale_fsdp2_7b_shape")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = Path(a.ckpt + f"_{a.layers}l")
+    if rank == 0:
+        checkpoint(path, a.layers)
+    dist.barrier()
+    results = [row(path, q, cuda) for q in ("none", "nf4")]
+    dev = torch.cuda.get_device_name() if cuda else "CPU"
+    if rank == 0:
+        lines = [f"# FSDP2 per-rank memory, Llama-2-7B shape ({a.layers} layers), {world} rank(s)", "",
+                 f"- device: {dev}; torch {torch.__version__}; date {datetime.date.today()}",
+                 f"- command: `torchrun --nproc_per_node {world} bench/fsdp2_memory.py {' '.join(sys.argv[1:])}`",
+                 "- svd_scale r=64, bf16 base, MixedPrecisionPolicy(bf16, reduce fp32); training: seq 2048, batch 1, "
+                 "gradient checkpointing, AdamW, 3 steps; rank 0's figures", "",
+                 "| row | local params GiB | load+init peak GiB | train peak GiB | load+init s |", "|---|---|---|---|---|"]
+        for r in results:
+            lines.append(f"| {r['row']} | {r['local_param_gib']:.2f} | {r.get('load_init_peak_gib', float('nan')):.2f} | "
+                         f"{r.get('train_peak_gib', float('nan')):.2f} | {r['init_s']:.1f} |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text)
+        print(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
