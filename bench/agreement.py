@@ -107,7 +107,7 @@ def compare(a: Path, b: Path, write: str = None) -> None:
     adapter = max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max().clamp_min(1e-12)).item() for k in wa)
     lines = [f"# Agreement: {la.get('engine', 'fsdp2')} on {la['world']} vs {lb.get('engine', 'fsdp2')} on {lb['world']} GPU(s), {STEPS} steps", "",
              f"- device: {la['device']}; date {datetime.date.today()}",
-             "- commands: `torchrun --nproc_per_node W bench/agreement.py --out DIR` for each W, then "
+             "- commands: `torchrun --nproc_per_node W bench/agreement.py [--engine deepspeed] --out DIR` for each run, then "
              "`python bench/agreement.py --compare DIR1 DIR2`", "",
              f"| step | loss (A: {la.get('engine')} x{la['world']}) | loss (B: {lb.get('engine')} x{lb['world']}) |", "|---|---|---|"]
     lines += [f"| {i + 1} | {x:.6f} | {y:.6f} |" for i, (x, y) in enumerate(zip(la["losses"], lb["losses"])) if i % 4 == 0 or i == STEPS - 1]
