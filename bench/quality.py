@@ -97,6 +97,8 @@ class Bench:
         d = self.run_dir(task, row, lr, seed, split)
         if keep is None and (d / "metrics.json").is_file():
             return json.loads((d / "metrics.json").read_text())
+        if self.a.report_only:
+            return None
         keys = dict(keys)
         peft_keys, load_4bit = keys.pop("peft", None), keys.pop("load_4bit", False)
         over = [f"data={TASKS[task]}", f"train.output_dir={d}", f"train.max_steps={self.a.steps}",
@@ -116,6 +118,15 @@ class Bench:
         the test split while its model is still in memory (a PEFT PiSSA adapter cannot be
         re-applied to the original base from its saved file alone)."""
         runs, best, kept = {}, None, {}
+        if self.a.report_only:  # only runs already made; None if the row is incomplete
+            runs = {lr: self.train(task, row, keys, lr, 0, "validation", self.a.val) for lr in lrs}
+            cache = {lr: self.run_dir(task, row, lr, 0, "validation") / "test.json" for lr in lrs}
+            if any(m is None for m in runs.values()):
+                return None
+            best = max(lrs, key=lambda lr: (runs[lr]["accuracy_after"], -final_loss(runs[lr])))
+            if not cache[best].is_file():
+                return None
+            return best, runs, json.loads(cache[best].read_text())["accuracy"]
         for lr in lrs:
             cached = (self.run_dir(task, row, lr, 0, "validation") / "metrics.json").is_file()
             keep = None if cached else {}
@@ -169,6 +180,7 @@ def main():
     ap.add_argument("--val", type=int, default=128, help="validation examples for picking lr")
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--seeds", type=int, default=2, help="seeds for the main rows")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from finished runs only (train nothing)")
     ap.add_argument("--only", default="", help="comma-separated rows to run (default: all), e.g. svd_scale,peft_lora")
     a = ap.parse_args()
     only = set(filter(None, a.only.split(",")))
@@ -182,23 +194,32 @@ def main():
     rt = "rotten_tomatoes"
     twin_ok = (lambda r: NF4_ROWS[r][0] in rows[rt])
     for row, (keys, lrs) in ((r, v) for r, v in ROWS.items() if pick(r)):  # 1. grid on validation
-        best, runs, acc = b.grid(rt, row, keys, lrs)
+        got = b.grid(rt, row, keys, lrs)
+        if got is None:
+            continue
+        best, runs, acc = got
         grid[row] = {lr: m["accuracy_after"] for lr, m in runs.items()}
         rows[rt][row] = {"lr": best, "metrics": [runs[best]], "acc": [acc]}
     for row, (twin, keys) in ((r, v) for r, v in NF4_ROWS.items() if pick(r) and twin_ok(r)):
         m = b.train(rt, row, keys, rows[rt][twin]["lr"], 0, "test", a.test)
+        if m is None:
+            continue
         rows[rt][row] = {"lr": rows[rt][twin]["lr"], "metrics": [m], "acc": [m["accuracy_after"]]}
     for task in TASKS:  # 2. transfer task at the chosen lr; 3. extra seeds for the main rows
-        for row in [r for r in TRANSFER if pick(r)] if task != rt else ():
+        for row in [r for r in TRANSFER if pick(r) and r in rows[rt]] if task != rt else ():
             lr = rows[rt][row]["lr"]
             m = b.train(task, row, ROWS[row][0], lr, 0, "test", a.test)
+            if m is None:
+                continue
             rows[task][row] = {"lr": lr, "metrics": [m], "acc": [m["accuracy_after"]]}
-        for row in [r for r in MAIN if pick(r)]:
+        for row in [r for r in MAIN if pick(r) and r in rows[task]]:
             for seed in range(1, a.seeds):
                 m = b.train(task, row, ROWS[row][0], rows[task][row]["lr"], seed, "test", a.test)
+                if m is None:
+                    continue
                 rows[task][row]["metrics"].append(m)
                 rows[task][row]["acc"].append(m["accuracy_after"])
-    base = {t: b.base_accuracy(t) for t in TASKS}
+    base = {t: (None if a.report_only and not (b.out / t / "base.json").is_file() else b.base_accuracy(t)) for t in TASKS}
     write_results(a, rows, grid, base, time.time() - t0)
 
 
@@ -225,7 +246,11 @@ def write_results(a, rows: dict, grid: dict, base: dict, seconds: float) -> None
         "",
     ]
     for task, table in rows.items():
-        lines += [f"## {task} (base model, no training: {100 * base[task]:.1f}% test accuracy)", "",
+        if not table:
+            lines += [f"## {task}: no finished runs", ""]
+            continue
+        zero = "not measured" if base[task] is None else f"{100 * base[task]:.1f}% test accuracy"
+        lines += [f"## {task} (base model, no training: {zero})", "",
                   "| method | trainable params | lr | test accuracy | final train loss | train s |", "|---|---|---|---|---|---|"]
         for row, r in table.items():
             m = r["metrics"][0]
