@@ -91,6 +91,10 @@ def linear4bit_from_packed(base: nn.Module, shape: tuple, packed: torch.Tensor, 
                                    compress_statistics=double_quant, quant_type="nf4",
                                    quant_storage=torch.bfloat16, module=lin, bnb_quantized=True)
     lin.bias = bias
+    # bitsandbytes >= 0.49 repacks the codes, in place, into a uint8 layout of another shape on the
+    # first no-grad forward on a CPU with AVX512-BF16. That breaks the bf16 storage that ZeRO-3/FSDP
+    # shard, and dequantize_4bit (merge, export) then reads garbage: keep the portable layout.
+    lin.support_avx512bf16_for_cpu = False
     lin.svd_scale_was_conv1d = is_conv1d(base)  # merge gives GPT-2 its Conv1D back
     return lin
 
