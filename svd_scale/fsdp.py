@@ -21,8 +21,15 @@ NF4 residuals (``quant: nf4``): the target's base layer becomes a
 :class:`svd_scale.quant.ShardableNF4Linear` before sharding (a ``Params4bit`` would lose its
 QuantState when FSDP2 swaps in the unsharded tensor); its packed codes and block scales are
 ordinary sharded parameters, and the dense weight is never a parameter: its owner reads it from
-the checkpoint at init. Not yet here (issue 6 is open): double quantization, methods with a
-regularizer (their loss reads parameters outside the owning module's forward), resume.
+the checkpoint at init.
+
+Checkpoints for ``--resume`` (:func:`save_optimizer` / :func:`load_optimizer`): the optimizer state
+is as sharded as the parameters, so each rank writes and reads only its own rows through
+``torch.distributed.checkpoint`` (DCP), as torchtitan does; the adapter itself is saved whole
+(a collective export) and written back into the shards with :func:`set_full_value`.
+
+Not yet here: double quantization, and methods with a regularizer (their loss reads parameters
+outside the owning module's forward).
 """
 from __future__ import annotations
 
@@ -64,6 +71,56 @@ def _write_local(p, full: torch.Tensor) -> None:
     """Copy this rank's part of ``full`` (the whole tensor) into DTensor ``p``'s local shard."""
     local = p.to_local()
     local.copy_(full[_local_slices(p)].to(local.dtype))
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 DTensors (built by :func:`load_sharded`)."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def set_full_value(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor ``full`` into ``p``: its local rows if ``p`` is an FSDP2 DTensor
+    (every rank holds ``full``, so no communication), else all of it. The inverse of
+    ``distributed.full_value``."""
+    with torch.no_grad():
+        if hasattr(p, "to_local"):
+            _write_local(p, full.to(p.to_local().device))
+        else:
+            p.data.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+OPTIMIZER_DIR = "optimizer_dcp"
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def save_optimizer(model: nn.Module, optimizer, checkpoint_dir: str) -> None:
+    """Write the sharded optimizer state under ``checkpoint_dir/optimizer_dcp`` (DCP: each rank
+    its own rows; a collective, every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, _inner(optimizer))
+    dcp.save({"optimizer": state}, checkpoint_id=str(Path(checkpoint_dir) / OPTIMIZER_DIR))
+
+
+def load_optimizer(model: nn.Module, optimizer, checkpoint_dir: str) -> None:
+    """Restore what :func:`save_optimizer` wrote into ``optimizer`` (a collective; tested with the
+    saving run's world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    where = Path(checkpoint_dir) / OPTIMIZER_DIR
+    if not (where / ".metadata").is_file():
+        raise FileNotFoundError(f"--resume under fsdp2: {checkpoint_dir!r} has no sharded optimizer state "
+                                f"({OPTIMIZER_DIR}/); it was not written by an fsdp2 run of svd_scale")
+    inner = _inner(optimizer)
+    state = {"optimizer": get_optimizer_state_dict(model, inner)}  # the layout to fill (states initialized)
+    dcp.load(state, checkpoint_id=str(where))
+    set_optimizer_state_dict(model, inner, state["optimizer"])
 
 
 def shard(model: nn.Module, mp: Optional["object"] = None) -> nn.Module:

@@ -6,7 +6,12 @@ DeepSpeed integration -- subclassed in three places only:
 * ``compute_loss`` adds the method's regularizer (``svd_scale.regularization_loss``);
 * ``save_model`` writes the adapter (never the multi-GB base) -- collectively, so
   that under ZeRO-3 every rank joins the gather of full fp32 values;
-* ``_load_from_checkpoint`` restores the adapter on ``--resume`` (single process).
+* ``_load_from_checkpoint`` restores the adapter on ``--resume``;
+
+and, for a model FSDP2-sharded at load time (``train.engine: fsdp2``), in the two optimizer
+hooks: transformers cannot checkpoint such a model's optimizer (it refuses unless
+``save_only_model``), so ``svd_scale.fsdp`` writes and reads the sharded state with
+``torch.distributed.checkpoint`` and the Trainer saves scheduler and RNG state as usual.
 """
 from __future__ import annotations
 
@@ -54,13 +59,40 @@ def _trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
 
+            from .fsdp import set_full_value
             from .inject import adapter_layers
 
             state = load_file(os.path.join(resume_from_checkpoint, "adapter", WEIGHTS_NAME))
-            with torch.no_grad():
-                for name, layer in adapter_layers(self.accelerator.unwrap_model(model or self.model)):
-                    for t, p in layer.tensors().items():
-                        p.data.copy_(state[f"{name}.{t}"].to(p.dtype))
+            for name, layer in adapter_layers(self.accelerator.unwrap_model(model or self.model)):
+                for t, p in layer.tensors().items():
+                    set_full_value(p, state[f"{name}.{t}"])  # FSDP2: this rank's rows
+
+        # ----- FSDP2 (sharded at load time): the optimizer state through DCP -----
+        def _sharded(self) -> bool:
+            from .fsdp import is_fsdp2
+
+            return is_fsdp2(self.accelerator.unwrap_model(self.model))
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self._sharded():
+                return super()._save_optimizer_and_scheduler(output_dir)
+            from transformers.trainer import SCHEDULER_NAME
+
+            from .fsdp import save_optimizer
+
+            save_optimizer(self.accelerator.unwrap_model(self.model), self.optimizer, output_dir)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or not self._sharded():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            from transformers.trainer import SCHEDULER_NAME
+
+            from .fsdp import load_optimizer
+
+            load_optimizer(self.accelerator.unwrap_model(self.model), self.optimizer, checkpoint)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     return SVDTrainer
 
@@ -193,11 +225,8 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     fsdp2 = engine == "fsdp2"
     if fsdp2 and adapt is not None:
         raise ValueError("engine fsdp2 builds its own sharded model; a custom adapt() needs engine single or deepspeed")
-    if fsdp2 and resume:
-        raise ValueError("--resume under engine fsdp2 is not supported yet (the sharded optimizer state is not "
-                         "checkpointed); use engine deepspeed or single to resume")
-    # fsdp2: checkpoints hold the adapter only (transformers does not checkpoint the optimizer of a
-    # model sharded at load time).
+    # fsdp2: transformers refuses to checkpoint a model sharded at load time unless told to save the
+    # model only; SVDTrainer then saves the sharded optimizer itself (see below and svd_scale.fsdp).
     extra = {"save_only_model": True} if fsdp2 else {}
     args = training_arguments(cfg, deepspeed=ds, **extra)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
@@ -240,6 +269,8 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tok.pad_token_id),
                                callbacks=[evaluation])
     evaluation.trainer = trainer
+    if fsdp2:
+        trainer.args.save_only_model = False  # full checkpoints: optimizer (DCP), scheduler, RNG
     t_train = time.time()
     checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None
     if checkpoint:

@@ -9,6 +9,7 @@ facts (rank<k>.json); the assertions live in the pytest file.
 """
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,8 +138,15 @@ def main():
     from svd_scale.config import load_config
     from svd_scale.training import run
 
-    run(load_config(None, (f"model={a.model}", *RUN_ARGS, "train.batch_size=2", "train.engine=fsdp2",
-                           f"train.output_dir={out / 'train'}")))
+    launch = (f"model={a.model}", *RUN_ARGS, "train.batch_size=2", "train.engine=fsdp2", "train.save_steps=5")
+    run(load_config(None, (*launch, f"train.output_dir={out / 'train'}")))
+    # --resume: a copy of that run stopped after step 5 (its later checkpoint dropped) continues
+    # from checkpoint-5: adapter, sharded AdamW state (DCP), scheduler and RNG restored
+    if rank == 0:
+        drop = {"checkpoint-10", "adapter", "metrics.json", "run_config.json"}  # what steps 6-10 wrote
+        shutil.copytree(out / "train", out / "resume", ignore=lambda d, names: drop & set(names) if d == str(out / "train") else ())
+    dist.barrier()
+    run(load_config(None, (*launch, f"train.output_dir={out / 'resume'}")), resume=True)
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
     dist.barrier()
     dist.destroy_process_group()
