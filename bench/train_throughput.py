@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput and peak memory, side by side in one run, on one GPU.
 
-    python bench/train_throughput.py [--layers 32] [--seq 2048] [--steps 5] [--repeat 2] [--rows all]
+    python bench/train_throughput.py [--layers 32] [--seq 2048] [--steps 5] [--repeat 2] [--rows all|compile]
 
 A Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32 layers, vocab 32000) with random
 weights -- speed and memory depend on shapes, not values. Every row: seq 2048, micro-batch 1,
@@ -12,7 +12,9 @@ built, quantized and adapted), so it is the training peak.
 Rows: frozen bf16 base (inputs require grad; the dequantization-free floor); frozen NF4 base
 (bitsandbytes Linear4bit, its own floor); PEFT LoRA r=16 on the bf16 base; PEFT QLoRA r=16 on
 the NF4 base (the real peft library, all 7 projections); svd_scale with bf16 and NF4 residual,
-r in {64, 128}. Writes bench/results/train_throughput_<device>.md with device, date, command.
+r in {64, 128}; each of them again with every decoder layer under ``torch.compile`` ("... compiled",
+the same regional compilation for every tool). Writes bench/results/train_throughput_<device>.md
+with device, date, command.
 """
 import argparse
 import datetime
@@ -52,7 +54,13 @@ def to_nf4(model):
 
 
 def row(kind: str, layers: int):
-    """(model, trainables, init seconds) for one benchmark row."""
+    """(model, trainables, init seconds) for one benchmark row. A row named "... compiled" is
+    that row with every decoder layer under ``torch.compile`` (the same for each tool)."""
+    if kind.endswith(" compiled"):
+        model, params, init = row(kind[: -len(" compiled")], layers)
+        for block in (model.get_base_model() if hasattr(model, "get_base_model") else model).model.layers:
+            block.compile()
+        return model, params, init
     model = build(layers)
     t0 = time.time()
     if kind == "frozen bf16":
@@ -131,7 +139,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rows", default="all")
+    ap.add_argument("--rows", default="all", help="'all', 'compile' (torch.compile rows beside eager ones) or names, comma-separated")
     ap.add_argument("--repeat", type=int, default=2, help="run every row this many times, in turn; keep each row's best")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="write the top CUDA ops/kernels of one step per row")
@@ -139,8 +147,23 @@ def main():
     args = ap.parse_args()
     kinds = ["frozen bf16", "frozen nf4", "peft lora r16", "peft qlora r16", "svd_scale bf16 r64", "svd_scale nf4 r64",
              "svd_scale nf4 r64 fused", "svd_scale bf16 r128", "svd_scale nf4 r128"]
-    if args.rows != "all":
-        kinds = [k for k in kinds if k in args.rows.split(",")]
+    compiled = [k + " compiled" for k in kinds if not k.endswith(" fused")]
+    if args.rows == "compile":  # the short torch.compile comparison: each compiled row beside its eager twin
+        kinds = ["frozen bf16", "frozen nf4", "peft qlora r16", "svd_scale nf4 r64"] + \
+                [k + " compiled" for k in ("frozen nf4", "peft qlora r16", "svd_scale nf4 r64")]
+    elif args.rows == "all":
+        kinds = kinds + compiled
+    else:
+        wanted = args.rows.split(",")
+        unknown = sorted(set(wanted) - set(kinds) - set(compiled))
+        if unknown:
+            raise SystemExit(f"--rows: unknown {unknown}; known: {kinds + compiled} or 'all' or 'compile'")
+        kinds = [k for k in kinds + compiled if k in wanted]
+    if any(k.endswith(" compiled") for k in kinds):
+        # every row recompiles the decoder layer's forward for its own module types; dynamo's
+        # default limit (8 graphs per code object) would quietly drop later rows back to eager
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.accumulated_cache_size_limit = 512
     # Rows run in turn, --repeat times; each row keeps its fastest median (the host's launch
     # speed drifts during a run and every row here is partly CPU-bound: best-of is the fair pick).
     results = []
@@ -153,7 +176,7 @@ def main():
             elif r["tok_s"] > old["tok_s"]:
                 results[results.index(old)] = r
     by = {r["row"]: r for r in results}
-    q, f = by.get("peft qlora r16"), by.get("frozen bf16")
+    q, f = by.get("peft qlora r16"), by.get("frozen bf16")  # eager PEFT QLoRA: what users run by default
     dev = torch.cuda.get_device_name()
     lines = [f"# Training throughput, Llama-2-7B shape ({args.layers} layers), seq {args.seq}, batch 1, checkpointing", "",
              f"- device: {dev}; torch {torch.__version__}; date {datetime.date.today()}",
