@@ -43,8 +43,8 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import is_conv1d
-from .inject import (WeightAccess, attach_training_state, check_ranks, compute_dtype, find_targets, from_out_in,
-                     initialize, mark_trainable, to_out_in, wrap)
+from .inject import (WeightAccess, attach_training_state, check_ranks, compute_dtype, decoder_layers, find_targets,
+                     from_out_in, initialize, mark_trainable, to_out_in, wrap)
 from .methods import get_method
 from .losses import has_regularizer
 
@@ -128,18 +128,10 @@ def shard(model: nn.Module, mp: Optional["object"] = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": mp} if mp is not None else {}
-    for block in _decoder_layers(model):
+    for block in decoder_layers(model):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(getattr(model, "transformer", None), "h", None)
-    if layers is None:
-        raise ValueError(f"fsdp2: cannot find the decoder layers of {type(model).__name__} "
-                         "(expected model.model.layers or model.transformer.h)")
-    return list(layers)
 
 
 def mixed_precision(precision: str):

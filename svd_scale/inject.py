@@ -110,6 +110,15 @@ def wrap(model: nn.Module, targets, cfg: AdapterConfig, ranks: Optional[dict] = 
     return layers
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (the unit FSDP2 shards and ``train.compile`` compiles)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(getattr(model, "transformer", None), "h", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                         "(expected model.model.layers or model.transformer.h)")
+    return list(layers)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for n, m in model.named_modules():
         if isinstance(m, AdapterLayer):
