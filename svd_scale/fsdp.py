@@ -28,8 +28,8 @@ is as sharded as the parameters, so each rank writes and reads only its own rows
 ``torch.distributed.checkpoint`` (DCP), as torchtitan does; the adapter itself is saved whole
 (a collective export) and written back into the shards with :func:`set_full_value`.
 
-Not yet here: double quantization, and methods with a regularizer (their loss reads parameters
-outside the owning module's forward).
+Methods with an extra loss (SORSA, KaSA) read whole parameters through :func:`gather_for_regularizer`.
+Not yet here: double quantization, and SaLoRA (model-level training state).
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ from .layer import is_conv1d
 from .inject import (WeightAccess, attach_training_state, check_ranks, compute_dtype, decoder_layers, find_targets,
                      from_out_in, initialize, mark_trainable, to_out_in, wrap)
 from .methods import get_method
-from .losses import has_regularizer
 
 
 def check_supported(cfg: AdapterConfig) -> None:
@@ -54,9 +53,43 @@ def check_supported(cfg: AdapterConfig) -> None:
     if cfg.quant == "nf4" and cfg.double_quant:
         raise ValueError("adapter.double_quant=true is not supported under fsdp2 yet (the nested QuantState is "
                          "not a shardable tensor); use double_quant=false, or deepspeed ZeRO-3")
-    if has_regularizer(get_method(cfg.method)):
-        raise ValueError(f"method {cfg.method!r} adds a regularizer, not supported under fsdp2 yet; "
-                         "use svd_scale, svfit, pissa or lora, or deepspeed ZeRO-3")
+    cls = get_method(cfg.method)
+    if hasattr(cls, "attach") or hasattr(cls, "model_regularizer"):
+        raise ValueError(f"method {cfg.method!r} keeps model-level training state (SaLoRA's budget multipliers), "
+                         "not supported under fsdp2 yet; use svd_scale, svfit, sorsa, kasa, pissa or lora, "
+                         "or deepspeed ZeRO-3")
+
+
+def gather_for_regularizer(model: nn.Module) -> None:
+    """Let the method's extra loss (``svd_scale.losses.Regularizer``) read whole parameters.
+
+    It runs after the model's forward, when FSDP2 has resharded every layer, so each
+    parameter it reads is a shard. For the duration of its forward, each such DTensor is
+    swapped for ``full_tensor()`` -- a differentiable all-gather whose backward hands every
+    rank the gradient of its own rows. Every rank computes the same term from the same values,
+    so that gradient is already the global one; FSDP2 adds its reduce-scattered task gradient
+    to it (``foreach_reduce`` accumulates into an existing ``.grad``). The ZeRO-3 counterpart
+    is the external-parameter registration in ``distributed.register_external``."""
+    reg = getattr(model, "svd_scale_regularizer", None)
+    if reg is None:
+        return
+    owners = [layer for _, layer in reg._layers]
+    swapped: list = []
+
+    def gather(module, args):
+        for m in owners:
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.requires_grad and hasattr(p, "full_tensor"):
+                    m._parameters[name] = p.full_tensor()
+                    swapped.append((m, name, p))
+
+    def release(module, args, out):
+        while swapped:
+            m, name, p = swapped.pop()
+            m._parameters[name] = p
+
+    reg.register_forward_pre_hook(gather)
+    reg.register_forward_hook(release)
 
 
 def _local_slices(p) -> tuple[slice, ...]:
@@ -212,6 +245,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     initialize(layers, cfg, access=access, seed=seed)
     model.svd_scale_fsdp_max_full_numel = access.max_full_numel
     attach_training_state(model, layers)
+    gather_for_regularizer(model)
     mark_trainable(model)
     model.svd_scale_config = cfg
     return model

@@ -27,7 +27,10 @@ from svd_scale import fsdp  # noqa: E402
 from svd_scale.io import adapter_state_dict, save_adapter  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 6, 12, 5
-LR = {"svd_scale": 1e-2, "pissa": 1e-3}
+LR = {"svd_scale": 1e-2, "pissa": 1e-3, "sorsa": 1e-3, "kasa": 1e-3}
+METHODS = tuple(LR)  # sorsa and kasa add a regularizer over whole (gathered) parameters
+# weights large enough that a wrong regularizer gradient (lost, or counted once per rank) moves the losses
+OPTS = {"sorsa": {"gamma": 0.5}, "kasa": {"beta": 0.1, "gamma": 0.5}}
 # shared with tests/test_fsdp2.py's single-process reference (which uses batch 2 x world)
 RUN_ARGS = ("rank=8", "train.eval_examples=24", "train.logging_steps=1", "train.max_length=48", "train.lr=1e-2",
             "train.max_steps=10")
@@ -44,6 +47,9 @@ def train(model, data, lr, rank=0, world=1):
     for x in data:
         mine = x.chunk(world)[rank]  # equal token counts per rank: mean of means == global mean
         loss = model(input_ids=mine, labels=mine).loss
+        reg = svd_scale.regularization_loss(model)  # the same term on every rank, from whole parameters
+        if reg is not None:
+            loss = loss + reg
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,8 +85,8 @@ def main():
     x0 = data[0]
     with torch.no_grad():
         base_logits = base(input_ids=x0).logits
-    for method in ("svd_scale", "pissa"):
-        cfg = svd_scale.AdapterConfig(method=method, rank=4, svd="full")
+    for method in METHODS:
+        cfg = svd_scale.AdapterConfig(method=method, rank=4, svd="full", **OPTS.get(method, {}))
         ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
         ref_init = adapter_state_dict(ref)
         model = fsdp.load_sharded(a.model, cfg)
@@ -91,9 +97,13 @@ def main():
         got_init = adapter_state_dict(model)  # collective
         f["factor_err"] = max((got_init[k] - v).abs().max().item() for k, v in ref_init.items())
         with torch.no_grad():
-            f["init_logits_err"] = (model(input_ids=x0).logits - base_logits).abs().max().item()
+            logits = model(input_ids=x0).logits
+            f["init_logits_err"] = (logits - base_logits).abs().max().item()  # kasa: truncated W by design
+            f["init_vs_one_process"] = (logits - ref(input_ids=x0).logits).abs().max().item()
         f["ref_losses"], _ = train(ref, data, LR[method])
         f["losses"], _ = train(model, data, LR[method], rank, world)
+        reg = svd_scale.regularization_loss(ref)
+        f["reg_share"] = 0.0 if reg is None else reg.item() / f["ref_losses"][-1]
         save_adapter(model, str(out / f"adapter_{method}"))  # collective; rank 0 writes
         dist.barrier()
         saved = load_file(str(out / f"adapter_{method}" / "adapter.safetensors"))
@@ -130,10 +140,10 @@ def main():
                     "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
     # bad input is refused before any weight is read
     try:
-        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(method="sorsa", rank=4))
-        facts["sorsa_refused"] = ""
+        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(method="salora", rank=4))
+        facts["salora_refused"] = ""
     except ValueError as e:
-        facts["sorsa_refused"] = str(e)
+        facts["salora_refused"] = str(e)
     # the launch path: svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export)
     from svd_scale.config import load_config
     from svd_scale.training import run
