@@ -28,8 +28,11 @@ is as sharded as the parameters, so each rank writes and reads only its own rows
 ``torch.distributed.checkpoint`` (DCP), as torchtitan does; the adapter itself is saved whole
 (a collective export) and written back into the shards with :func:`set_full_value`.
 
-Methods with an extra loss (SORSA, KaSA) read whole parameters through :func:`gather_for_regularizer`.
-Not yet here: double quantization, and SaLoRA (model-level training state).
+Methods with an extra loss (SORSA, KaSA, SaLoRA) read whole parameters through
+:func:`gather_for_regularizer`. SaLoRA's budget multipliers (model-level ``TrainingState``) are
+created after sharding, so they are plain tensors replicated on every rank; every rank computes
+the same budget term from the same gathered gate logits, so their gradients agree without a
+reduction. Not yet here: double quantization.
 """
 from __future__ import annotations
 
@@ -53,11 +56,6 @@ def check_supported(cfg: AdapterConfig) -> None:
     if cfg.quant == "nf4" and cfg.double_quant:
         raise ValueError("adapter.double_quant=true is not supported under fsdp2 yet (the nested QuantState is "
                          "not a shardable tensor); use double_quant=false, or deepspeed ZeRO-3")
-    cls = get_method(cfg.method)
-    if hasattr(cls, "attach") or hasattr(cls, "model_regularizer"):
-        raise ValueError(f"method {cfg.method!r} keeps model-level training state (SaLoRA's budget multipliers), "
-                         "not supported under fsdp2 yet; use svd_scale, svfit, sorsa, kasa, pissa or lora, "
-                         "or deepspeed ZeRO-3")
 
 
 def gather_for_regularizer(model: nn.Module) -> None:

@@ -55,6 +55,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``--resume`` needs beyond the optimizer: every adapter tensor as training holds it
+    (not pruned by an export) and the model-level ``TrainingState`` (SaLoRA's multipliers), by
+    parameter name. Collective under ZeRO-3/FSDP2, like ``adapter_state_dict``."""
+    out = {f"{name}.{k}": _full_value(p).contiguous().clone()
+           for name, layer in adapter_layers(model) for k, p in layer.tensors().items()}
+    for mname, m in model.named_modules():
+        if isinstance(m, TrainingState):
+            out.update({f"{mname}.{k}": _full_value(p).contiguous().clone() for k, p in m.named_parameters()})
+    return out
+
+
 def _saved_rank(layer, name: str, state: dict) -> int:
     """The rank of a layer's tensors as saved: find an axis that grows with r in the
     method's declared shapes and read its size."""

@@ -1,12 +1,13 @@
 """The training job behind ``launch/train.py``: build, evaluate, train, save.
 
 Training uses transformers' ``Trainer`` -- the loop users already know, with its
-DeepSpeed integration -- subclassed in three places only:
+DeepSpeed integration -- subclassed in these places:
 
 * ``compute_loss`` adds the method's regularizer (``svd_scale.regularization_loss``);
 * ``save_model`` writes the adapter (never the multi-GB base) -- collectively, so
   that under ZeRO-3 every rank joins the gather of full fp32 values;
-* ``_load_from_checkpoint`` restores the adapter on ``--resume``;
+* ``save_model`` also writes, in each checkpoint, the unpruned adapter and model-level training
+  state, which ``_load_from_checkpoint`` restores on ``--resume``;
 
 and, for a model FSDP2-sharded at load time (``train.engine: fsdp2``), in the two optimizer
 hooks: transformers cannot checkpoint such a model's optimizer (it refuses unless
@@ -30,12 +31,14 @@ from . import builtin
 from .config import RunConfig
 from .data import Collator, load_splits, tokenized_dataset
 from .evaluate import choice_accuracy
-from .inject import apply, parameter_counts
-from .io import WEIGHTS_NAME, save_adapter
+from .inject import adapter_layers, apply, parameter_counts
+from .io import save_adapter, training_state_dict
 from .losses import regularization_loss
 from .methods.salora import set_progress
 
 log = logging.getLogger("svd_scale")
+
+RESUME_STATE = "training_state.safetensors"  # in each checkpoint-N folder, beside the exported adapter
 
 
 def _trainer_class():
@@ -54,18 +57,33 @@ def _trainer_class():
 
         def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
-            save_any_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, "adapter"))
+            model = self.accelerator.unwrap_model(self.model)
+            save_any_adapter(model, os.path.join(output_dir, "adapter"))
+            if _internal_call and any(True for _ in adapter_layers(model)):  # a checkpoint: what --resume reads
+                from safetensors.torch import save_file
+
+                state = training_state_dict(model)  # collective
+                if self.args.should_save:
+                    save_file(state, os.path.join(output_dir, RESUME_STATE))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """The adapter as training held it (unpruned) and model-level training state;
+            ZeRO-3 checkpoints restore these through DeepSpeed instead."""
             from safetensors.torch import load_file
 
             from .fsdp import set_full_value
-            from .inject import adapter_layers
 
-            state = load_file(os.path.join(resume_from_checkpoint, "adapter", WEIGHTS_NAME))
-            for name, layer in adapter_layers(self.accelerator.unwrap_model(model or self.model)):
-                for t, p in layer.tensors().items():
-                    set_full_value(p, state[f"{name}.{t}"])  # FSDP2: this rank's rows
+            path = os.path.join(resume_from_checkpoint, RESUME_STATE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--resume: {resume_from_checkpoint!r} has no {RESUME_STATE}; "
+                                        "it was not written by this version of svd_scale")
+            state = load_file(path)
+            params = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
+            missing = sorted(set(state) - set(params))
+            if missing:
+                raise KeyError(f"--resume: {path} holds tensors this model lacks: {missing[:5]}")
+            for name, full in state.items():
+                set_full_value(params[name], full)  # FSDP2: this rank's rows
 
         # ----- FSDP2 (sharded at load time): the optimizer state through DCP -----
         def _sharded(self) -> bool:

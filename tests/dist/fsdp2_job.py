@@ -27,10 +27,10 @@ from svd_scale import fsdp  # noqa: E402
 from svd_scale.io import adapter_state_dict, save_adapter  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 6, 12, 5
-LR = {"svd_scale": 1e-2, "pissa": 1e-3, "sorsa": 1e-3, "kasa": 1e-3}
+LR = {"svd_scale": 1e-2, "pissa": 1e-3, "sorsa": 1e-3, "kasa": 1e-3, "salora": 1e-3}
 METHODS = tuple(LR)  # sorsa and kasa add a regularizer over whole (gathered) parameters
 # weights large enough that a wrong regularizer gradient (lost, or counted once per rank) moves the losses
-OPTS = {"sorsa": {"gamma": 0.5}, "kasa": {"beta": 0.1, "gamma": 0.5}}
+OPTS = {"sorsa": {"gamma": 0.5}, "kasa": {"beta": 0.1, "gamma": 0.5}, "salora": {"gamma": 0.5, "budget": 0.25}}
 # shared with tests/test_fsdp2.py's single-process reference (which uses batch 2 x world)
 RUN_ARGS = ("rank=8", "train.eval_examples=24", "train.logging_steps=1", "train.max_length=48", "train.lr=1e-2",
             "train.max_steps=10")
@@ -42,6 +42,8 @@ def batches(vocab: int):
 
 
 def train(model, data, lr, rank=0, world=1):
+    model.train()
+    torch.manual_seed(1234)  # SaLoRA samples its gates: the same draws in every process
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     for x in data:
@@ -140,10 +142,10 @@ def main():
                     "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
     # bad input is refused before any weight is read
     try:
-        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(method="salora", rank=4))
-        facts["salora_refused"] = ""
+        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(rank=4, quant="nf4", double_quant=True))
+        facts["double_quant_refused"] = ""
     except ValueError as e:
-        facts["salora_refused"] = str(e)
+        facts["double_quant_refused"] = str(e)
     # the launch path: svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export)
     from svd_scale.config import load_config
     from svd_scale.training import run
