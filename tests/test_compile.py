@@ -30,5 +30,5 @@ def test_compiled_blocks_train_like_eager_and_export_the_same_adapter(tmp_path):
 def test_compile_is_refused_where_it_is_not_tested():
     import pytest
 
-    with pytest.raises(ValueError, match="engine single only"):
-        load_config(None, ("train.compile=true", "train.engine=fsdp2"))
+    with pytest.raises(ValueError, match="supported with engine single or fsdp2, not deepspeed"):
+        load_config(None, ("train.compile=true", "train.deepspeed=configs/deepspeed/zero3.json"))

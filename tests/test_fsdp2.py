@@ -179,3 +179,19 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(job):
     world = job[0]["world"]
     shards = sorted(p.name for p in (out / "train" / "checkpoint-5" / "optimizer_dcp").iterdir())
     assert len([n for n in shards if n.endswith(".distcp")]) == world  # one shard file per rank
+
+
+def test_compiled_layers_train_like_eager_under_fsdp2(job):
+    """train.compile with engine fsdp2: torch.compile around the sharded decoder layers (FSDP2's
+    hooks inside) gives the eager run's losses and adapter."""
+    from safetensors.torch import load_file
+
+    out = Path(job[0]["out"])
+    assert all(f["compiled_blocks"] for f in job)  # really compiled, on every rank
+    eager, comp = (json.loads((out / d / "metrics.json").read_text()) for d in ("train", "compiled"))
+    a, b = (torch.tensor([l for _, l in m["losses"]]) for m in (eager, comp))
+    assert len(a) == len(b) == 10
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
+    x, y = (load_file(str(out / d / "adapter" / "adapter.safetensors")) for d in ("train", "compiled"))
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-5)

@@ -159,6 +159,11 @@ def main():
         shutil.copytree(out / "train", out / "resume", ignore=lambda d, names: drop & set(names) if d == str(out / "train") else ())
     dist.barrier()
     run(load_config(None, (*launch, f"train.output_dir={out / 'resume'}")), resume=True)
+    # train.compile: the same run with every (FSDP2-sharded) decoder layer under torch.compile
+    kept: dict = {}
+    run(load_config(None, (*launch, "train.compile=true", f"train.output_dir={out / 'compiled'}")), keep=kept)
+    facts["compiled_blocks"] = all(getattr(b, "_compiled_call_impl", None) is not None
+                                   for b in svd_scale.inject.decoder_layers(kept["model"]))
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
     dist.barrier()
     dist.destroy_process_group()
