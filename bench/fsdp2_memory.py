@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Per-rank memory of the FSDP2 path (issue 6): bf16 vs NF4 residual, under torchrun.
 
-    torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--out FILE]
+    torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--compile] [--out FILE]
 
 Rank 0 writes a Llama-2-7B-shaped checkpoint with random weights (``--layers`` decoder layers;
 shapes decide memory), then every row loads it with ``svd_scale.fsdp.load_sharded`` (svd_scale r=64,
 bf16, MixedPrecisionPolicy bf16) and reports per rank: parameter bytes held locally after init,
 the peak allocated during load + init, and the peak of 3 training steps (seq 2048, batch 1,
-gradient checkpointing). GPU if present (nccl), else CPU (gloo; memory from the local tensors only).
+gradient checkpointing) and its tokens/s per rank (median of the steps after 2 warm-ups). With
+``--compile`` every row runs again with its decoder layers under ``torch.compile`` (``train.compile``).
+GPU if present (nccl), else CPU (gloo; memory from the local tensors only).
 """
 import argparse
 import datetime
@@ -36,9 +38,12 @@ def checkpoint(path: Path, layers: int) -> None:
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
 
 
-def row(path: Path, quant: str, cuda: bool) -> dict:
+def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int = 5) -> dict:
+    import statistics
+
     import svd_scale
     from svd_scale import fsdp
+    from svd_scale.training import compile_blocks
 
     if cuda:
         torch.cuda.empty_cache()
@@ -48,18 +53,30 @@ def row(path: Path, quant: str, cuda: bool) -> dict:
                               fsdp.mixed_precision("bf16"))
     init_s = time.time() - t0
     local = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
-    out = {"row": f"svd_scale r64 {quant}", "local_param_gib": local / 2**30, "init_s": init_s}
+    out = {"row": f"svd_scale r64 {quant}" + (" compiled" if compiled else ""), "local_param_gib": local / 2**30,
+           "init_s": init_s}
     if cuda:
         out["load_init_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    if compiled:
+        compile_blocks(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x = torch.randint(0, 32000, (1, 2048), device="cuda" if cuda else "cpu")
-    for _ in range(3):
+    times = []
+    for i in range(2 + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    out["tok_s"] = 2048 / statistics.median(times)
     if cuda:
         out["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt
@@ -71,6 +88,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ckpt", default="/tmp/svd_scale_fsdp2_7b_shape")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true", help="also run every row with compiled decoder layers")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -81,18 +99,19 @@ def main():
     if rank == 0:
         checkpoint(path, a.layers)
     dist.barrier()
-    results = [row(path, q, cuda) for q in ("none", "nf4")]
+    results = [row(path, q, cuda, c) for c in ((False, True) if a.compile else (False,)) for q in ("none", "nf4")]
     dev = torch.cuda.get_device_name() if cuda else "CPU"
     if rank == 0:
         lines = [f"# FSDP2 per-rank memory, Llama-2-7B shape ({a.layers} layers), {world} rank(s)", "",
                  f"- device: {dev}; torch {torch.__version__}; date {datetime.date.today()}",
                  f"- command: `torchrun --nproc_per_node {world} bench/fsdp2_memory.py {' '.join(sys.argv[1:])}`",
                  "- svd_scale r=64, bf16 base, MixedPrecisionPolicy(bf16, reduce fp32); training: seq 2048, batch 1, "
-                 "gradient checkpointing, AdamW, 3 steps; rank 0's figures", "",
-                 "| row | local params GiB | load+init peak GiB | train peak GiB | load+init s |", "|---|---|---|---|---|"]
+                 "gradient checkpointing, AdamW, 2 warm-up + 5 timed steps (median); rank 0's figures", "",
+                 "| row | local params GiB | load+init peak GiB | train peak GiB | tokens/s per rank | load+init s |",
+                 "|---|---|---|---|---|---|"]
         for r in results:
             lines.append(f"| {r['row']} | {r['local_param_gib']:.2f} | {r.get('load_init_peak_gib', float('nan')):.2f} | "
-                         f"{r.get('train_peak_gib', float('nan')):.2f} | {r['init_s']:.1f} |")
+                         f"{r.get('train_peak_gib', float('nan')):.2f} | {r['tok_s']:.0f} | {r['init_s']:.1f} |")
         text = "\n".join(lines) + "\n"
         print(text)
         if a.out:
