@@ -157,12 +157,6 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
-        if self.train.engine == "fsdp2":
-            from .fsdp import check_supported
-
-            check_supported(self.adapter)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -51,12 +51,6 @@ from .inject import (WeightAccess, attach_training_state, check_ranks, compute_d
 from .methods import get_method
 
 
-def check_supported(cfg: AdapterConfig) -> None:
-    """What FSDP2 runs today; called by the config, before any model is loaded."""
-    if cfg.quant == "nf4" and cfg.double_quant:
-        raise ValueError("adapter.double_quant=true is not supported under fsdp2 yet (the nested QuantState is "
-                         "not a shardable tensor); use double_quant=false, or deepspeed ZeRO-3")
-
 
 def gather_for_regularizer(model: nn.Module) -> None:
     """Let the method's extra loss (``svd_scale.losses.Regularizer``) read whole parameters.
@@ -200,7 +194,6 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cls = get_method(cfg.method)
-    check_supported(cfg)
     files = _checkpoint_files(path)
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
@@ -216,7 +209,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
             dense[name] = name + ".weight"
             with torch.device("meta"):
                 layer.base_layer = ShardableNF4Linear(layer.out_features, layer.in_features, layer.compute_dtype,
-                                                      bias=getattr(base, "bias", None))
+                                                      bias=getattr(base, "bias", None), double_quant=cfg.double_quant)
             layer.base_layer.svd_scale_was_conv1d = is_conv1d(base)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     shard(model, mp)
@@ -269,7 +262,7 @@ def _is_adapter_param(model: nn.Module, name: str) -> bool:
 
 def _is_nf4_param(model: nn.Module, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
-    return leaf in ("weight", "absmax") and type(model.get_submodule(owner)).__name__ == "ShardableNF4Linear"
+    return leaf in ("weight", "absmax", "absmax2") and type(model.get_submodule(owner)).__name__ == "ShardableNF4Linear"
 
 
 class _TensorReader:
@@ -338,17 +331,19 @@ class FSDP2Access(WeightAccess):
                     _write_local(weight, from_out_in(layer.base_layer, _residual(layer, W, full_state)))
                     continue
                 base = layer.base_layer
+                dev = base.weight.to_local().device
                 if rank == owner:
-                    packed, absmax = (t.to(base.weight.to_local().device) for t in base.payload(_residual(layer, W, full_state)))
+                    payload = {k: t.to(dev) for k, t in base.payload(_residual(layer, W, full_state)).items()}
                 else:
-                    dev = base.weight.to_local().device
-                    packed = torch.empty(base.weight.shape, dtype=torch.bfloat16, device=dev)
-                    absmax = torch.empty(base.absmax.shape, dtype=torch.bfloat16, device=dev)
-                if size > 1:
-                    dist.broadcast(packed, src=owner)
-                    dist.broadcast(absmax, src=owner)
-                _write_local(base.weight, packed)
-                _write_local(base.absmax, absmax)
+                    payload = base.empty_payload(dev)
+                for k in sorted(payload):  # codes and scales (sharded parameters), offset (a buffer)
+                    if size > 1:
+                        dist.broadcast(payload[k], src=owner)
+                    target = getattr(base, k)
+                    if hasattr(target, "to_local"):
+                        _write_local(target, payload[k])
+                    else:
+                        target.copy_(payload[k])
 
 
 def _residual(layer, W: torch.Tensor, full_state: dict) -> torch.Tensor:

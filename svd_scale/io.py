@@ -23,10 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import (WeightAccess, adapter_layers, attach_training_state, check_ranks, compute_dtype, find_targets, from_out_in, mark_trainable,
+from .inject import (WeightAccess, adapter_layers, attach_training_state, compute_dtype, from_out_in, mark_trainable,
                      to_out_in, wrap)
 from .layer import TrainingState, is_linear_like, logical_shape
-from .methods import get_method
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"

@@ -104,38 +104,76 @@ class ShardableNF4Linear(nn.Module):
 
     ``bnb.nn.Linear4bit`` keeps its QuantState on the ``Params4bit`` object, which FSDP2 replaces by
     a plain tensor when it swaps in the unsharded parameter, so the 4-bit layer breaks (accelerate's
-    FSDP2 path therefore leaves 4-bit weights unsharded). Here the two per-weight tensors are
-    parameters: the packed codes (bf16 storage, 4 codes per element) and the fp32 block scales
-    ``absmax`` *viewed as bf16 pairs*, so that a bf16 ``MixedPrecisionPolicy`` cast is a no-op on
-    their bits. The rest of the QuantState is constant (the NF4 code table, block size, shape) and
-    is rebuilt around the gathered tensors in ``forward``; bitsandbytes does the matmul.
+    FSDP2 path therefore leaves 4-bit weights unsharded). Here every per-weight tensor of the
+    QuantState is a bf16 parameter (so a bf16 ``MixedPrecisionPolicy`` cast is a no-op on its bits):
+    the packed codes (4 codes per element), and the block scales ``absmax`` -- fp32 viewed as bf16
+    pairs, or with ``double_quant`` their 8-bit codes viewed as bf16 pairs plus ``absmax2``, the fp32
+    scales of those codes (one per 256 blocks). The rest is constant per weight and tiny: the NF4 and
+    8-bit code tables and double quantization's ``offset`` (buffers, the same on every rank). The
+    QuantState is rebuilt around the gathered tensors in ``forward``; bitsandbytes does the matmul.
     """
 
     def __init__(self, out_f: int, in_f: int, compute_dtype: torch.dtype, bias: "nn.Parameter | None" = None,
-                 device=None):
+                 device=None, double_quant: bool = False):
         import bitsandbytes.functional as bnbF
 
         super().__init__()
         n = out_f * in_f
         self.out_features, self.in_features, self.compute_dtype = out_f, in_f, compute_dtype
+        self.double_quant, self.n_blocks = double_quant, -(-n // BLOCKSIZE)
         self.weight = nn.Parameter(torch.empty(n // 4, 1, dtype=torch.bfloat16, device=device), requires_grad=False)
-        self.absmax = nn.Parameter(torch.empty(2 * (n // BLOCKSIZE), dtype=torch.bfloat16, device=device),
-                                   requires_grad=False)
-        self.register_buffer("code", bnbF.get_4bit_type("nf4", device="cpu"), persistent=False)
+        for name, shape in self._scale_shapes().items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=torch.bfloat16, device=device), requires_grad=False))
+        with torch.device("cpu"):  # real even when the layer is built under a meta-device context (load_sharded)
+            self.register_buffer("code", bnbF.get_4bit_type("nf4", device="cpu"), persistent=False)
+            if double_quant:
+                self.register_buffer("code2", bnbF.create_dynamic_map(signed=True), persistent=False)
+                self.register_buffer("offset", torch.zeros(()), persistent=False)
         self.bias = bias
 
-    @staticmethod
-    def payload(W_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed codes, absmax as bf16 pairs) of NF4(W_res), shaped like the two parameters."""
-        packed, state = quantize_nf4(W_res.float(), double_quant=False)
-        return packed.reshape(-1, 1), state.absmax.float().contiguous().view(torch.bfloat16)
+    def _scale_shapes(self) -> dict[str, tuple]:
+        if not self.double_quant:
+            return {"absmax": (2 * self.n_blocks,)}  # fp32 as bf16 pairs
+        return {"absmax": (-(-self.n_blocks // 2),),  # uint8 codes as bf16 pairs (one pad byte if odd)
+                "absmax2": (2 * -(-self.n_blocks // 256),)}  # fp32 as bf16 pairs
+
+    def payload(self, W_res: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every per-weight tensor of NF4(W_res), full size, by attribute name (the owner's part
+        of the init; the others receive them by broadcast)."""
+        packed, state = quantize_nf4(W_res.float(), double_quant=self.double_quant)
+        out = {"weight": packed.reshape(-1, 1)}
+        if not self.double_quant:
+            out["absmax"] = state.absmax.float().contiguous().view(torch.bfloat16)
+            return out
+        codes = torch.zeros(2 * self._scale_shapes()["absmax"][0], dtype=torch.uint8, device=packed.device)
+        codes[: self.n_blocks] = state.absmax
+        out["absmax"] = codes.view(torch.bfloat16)
+        out["absmax2"] = state.state2.absmax.float().contiguous().view(torch.bfloat16)
+        out["offset"] = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(())
+        return out
+
+    def empty_payload(self, device) -> dict[str, torch.Tensor]:
+        """Receive buffers shaped like :meth:`payload`'s tensors."""
+        out = {"weight": torch.empty(self.weight.shape, dtype=torch.bfloat16, device=device)}
+        out.update({k: torch.empty(v, dtype=torch.bfloat16, device=device) for k, v in self._scale_shapes().items()})
+        if self.double_quant:
+            out["offset"] = torch.empty((), dtype=torch.float32, device=device)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbF
 
-        state = bnbF.QuantState(absmax=self.absmax.view(torch.float32), shape=torch.Size((self.out_features, self.in_features)),
-                                code=self.code.to(x.device), blocksize=BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype)
+        shape = torch.Size((self.out_features, self.in_features))
+        if self.double_quant:
+            state2 = bnbF.QuantState(absmax=self.absmax2.view(torch.float32), code=self.code2.to(x.device),
+                                     blocksize=256, dtype=torch.float32)
+            state = bnbF.QuantState(absmax=self.absmax.view(torch.uint8)[: self.n_blocks], shape=shape,
+                                    code=self.code.to(x.device), blocksize=BLOCKSIZE, quant_type="nf4",
+                                    dtype=self.compute_dtype, offset=self.offset.to(x.device), state2=state2)
+        else:
+            state = bnbF.QuantState(absmax=self.absmax.view(torch.float32), shape=shape, code=self.code.to(x.device),
+                                    blocksize=BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return bnb.matmul_4bit(x, self.weight.t(), bias=bias, quant_state=state)
 

@@ -127,7 +127,7 @@ def save_any_adapter(model: nn.Module, directory: str) -> None:
 
 def load_model_and_tokenizer(cfg: RunConfig):
     """The base model from a local path (``from_pretrained``), in the run's precision."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = builtin.resolve_model_path(cfg.model)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32

@@ -1,7 +1,6 @@
 """Tokenization puts the loss on the completion; the built-in split is fixed."""
 import json
 
-import torch
 
 from svd_scale.data import Collator, encode, load_splits
 

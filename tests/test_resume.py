@@ -1,7 +1,6 @@
 """--resume in one process: stop after step 5, resume, and steps 6-10 and the adapter equal the
 uninterrupted run -- including SaLoRA, whose budget multipliers are model-level state outside the
 adapter file (the ZeRO-3 and FSDP2 versions of this check live in test_zero3.py / test_fsdp2.py)."""
-import json
 import shutil
 
 import pytest

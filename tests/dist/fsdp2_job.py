@@ -123,29 +123,31 @@ def main():
         "frozen": sorted({str(p.to_local().dtype) for p in model.parameters() if not p.requires_grad}),
         "optimizer": sorted({str(v.dtype) for s in opt.state.values() for k, v in s.items() if k != "step"}),
     }
-    # NF4 residual: codes and block scales sharded, equal to one process's bitsandbytes Linear4bit model
-    cfg = svd_scale.AdapterConfig(rank=4, svd="full", quant="nf4", quant_iters=1)  # T=1: see test_zero3's note
-    ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
-    model = fsdp.load_sharded(a.model, cfg)
-    with torch.no_grad():
-        ref_logits, got_logits = ref(input_ids=x0).logits, model(input_ids=x0).logits
-    loc4 = tot4 = 0
-    for _, layer in svd_scale.inject.adapter_layers(model):
-        for p in (layer.base_layer.weight, layer.base_layer.absmax):
-            loc4, tot4 = loc4 + p.to_local().numel(), tot4 + p.numel()
-    ref_losses, _ = train(ref, data[:2], LR["svd_scale"])
-    losses, _ = train(model, data[:2], LR["svd_scale"], rank, world)
-    facts["nf4"] = {"local4": loc4, "total4": tot4, "max_full_numel": model.svd_scale_fsdp_max_full_numel,
-                    "logits_err": (got_logits - ref_logits).abs().max().item(),
-                    "logits_vs_base": (got_logits - base_logits).abs().max().item(),
-                    "losses": losses, "ref_losses": ref_losses,
-                    "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
+    # NF4 residual (and with double quantization): codes and block scales sharded, equal to one
+    # process's bitsandbytes Linear4bit model
+    for key, dq in (("nf4", False), ("nf4_dq", True)):
+        cfg = svd_scale.AdapterConfig(rank=4, svd="full", quant="nf4", quant_iters=1, double_quant=dq)  # T=1: test_zero3's note
+        ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
+        model = fsdp.load_sharded(a.model, cfg)
+        with torch.no_grad():
+            ref_logits, got_logits = ref(input_ids=x0).logits, model(input_ids=x0).logits
+        loc4 = tot4 = 0
+        for _, layer in svd_scale.inject.adapter_layers(model):
+            for p in layer.base_layer.parameters():
+                loc4, tot4 = loc4 + p.to_local().numel(), tot4 + p.numel()
+        ref_losses, _ = train(ref, data[:2], LR["svd_scale"])
+        losses, _ = train(model, data[:2], LR["svd_scale"], rank, world)
+        facts[key] = {"local4": loc4, "total4": tot4, "max_full_numel": model.svd_scale_fsdp_max_full_numel,
+                      "logits_err": (got_logits - ref_logits).abs().max().item(),
+                      "logits_vs_base": (got_logits - base_logits).abs().max().item(),
+                      "losses": losses, "ref_losses": ref_losses,
+                      "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
     # bad input is refused before any weight is read
     try:
-        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(rank=4, quant="nf4", double_quant=True))
-        facts["double_quant_refused"] = ""
+        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(rank=100_000))
+        facts["bad_rank_refused"] = ""
     except ValueError as e:
-        facts["double_quant_refused"] = str(e)
+        facts["bad_rank_refused"] = str(e)
     # the launch path: svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export)
     from svd_scale.config import load_config
     from svd_scale.training import run

@@ -7,7 +7,6 @@ It only records facts (files under --out); the assertions live in the pytest fil
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
