@@ -8,8 +8,9 @@ Real model (SmolLM2-135M-Instruct) and real data, two tasks with fixed splits
 
 1. ``rotten_tomatoes`` (sentiment): every method -- svd_scale, svfit, sorsa, kasa, salora,
    in-framework pissa -- and PEFT LoRA r=16 and PEFT PiSSA r=16, each at every learning
-   rate of its grid (``ROWS``) with seed 0, scored on the validation split; the lr with
-   the best validation accuracy is then scored once on the test split. The main rows
+   rate of its grid (``ROWS``; one more step beyond an edge if the best is there) with seed 0,
+   scored on the validation split; the lr with the best validation accuracy is then scored
+   once on the test split. The main rows
    (svd_scale, PEFT LoRA) get a second seed. NF4 rows (svd_scale over a 4-bit residual,
    PEFT QLoRA r=16) reuse their full-precision counterpart's lr.
 2. ``plot_vs_review`` (plot synopsis vs review; balanced): svd_scale, PEFT LoRA, SORSA
@@ -46,8 +47,7 @@ TRANSFER = ("svd_scale", "peft_lora", "sorsa", "pissa")
 # row -> (svd_scale adapter keys, or a PEFT LoraConfig's keys under "peft"), lr grid.
 # Grids bracket each family's usual range for a short run: sigma-only methods need
 # large rates (METHODS.md); low-rank matrix methods the LoRA range. Three points each, in
-# steps of ~3x; a first two-point pass put every row's best at an edge, so the grids were
-# widened there (KaSA, which starts from a truncated weight, upwards; the others downwards).
+# steps of ~3x; a best at an edge gets one more step beyond it (``beyond``).
 LOW_RANK = (1e-4, 3e-4, 1e-3)
 ROWS = {
     "svd_scale": ({"method": "svd_scale", "rank": 64}, (3e-3, 1e-2, 3e-2)),
@@ -117,28 +117,38 @@ class Bench:
         return m
 
     def grid(self, task: str, row: str, keys: dict, lrs: tuple) -> tuple[float, dict, float]:
-        """Train at every lr (seed 0), pick the best validation accuracy, score that run on
-        the test split while its model is still in memory (a PEFT PiSSA adapter cannot be
-        re-applied to the original base from its saved file alone)."""
+        """Train at every lr (seed 0), pick the best validation accuracy -- and if that lr is at
+        an edge of the grid, train the next step beyond it once (``beyond``) and pick again --
+        then score the chosen run on the test split while its model is still in memory (a PEFT
+        PiSSA adapter cannot be re-applied to the original base from its saved file alone)."""
         runs, best, kept = {}, None, {}
+        score = (lambda lr: (runs[lr]["accuracy_after"], -final_loss(runs[lr])))
         if self.a.report_only:  # only runs already made; None if the row is incomplete
             runs = {lr: self.train(task, row, keys, lr, 0, "validation", self.a.val) for lr in lrs}
-            cache = {lr: self.run_dir(task, row, lr, 0, "validation") / "test.json" for lr in lrs}
             if any(m is None for m in runs.values()):
                 return None
-            best = max(lrs, key=lambda lr: (runs[lr]["accuracy_after"], -final_loss(runs[lr])))
-            if not cache[best].is_file():
+            ext = beyond(lrs, max(lrs, key=score))
+            if ext is not None:
+                runs[ext] = self.train(task, row, keys, ext, 0, "validation", self.a.val)
+                if runs[ext] is None:
+                    return None
+            best = max(runs, key=score)
+            cache = self.run_dir(task, row, best, 0, "validation") / "test.json"
+            if not cache.is_file():
                 return None
-            return best, runs, json.loads(cache[best].read_text())["accuracy"]
-        for lr in lrs:
+            return best, runs, json.loads(cache.read_text())["accuracy"]
+        todo = list(lrs)
+        while todo:
+            lr = todo.pop(0)
             cached = (self.run_dir(task, row, lr, 0, "validation") / "metrics.json").is_file()
             keep = None if cached else {}
             runs[lr] = self.train(task, row, keys, lr, 0, "validation", self.a.val, keep=keep)
-            if best is None or (runs[lr]["accuracy_after"], -final_loss(runs[lr])) > \
-                    (runs[best]["accuracy_after"], -final_loss(runs[best])):
+            if best is None or score(lr) > score(best):
                 best, kept = lr, keep  # the previous best's model is released here
             del keep
             gc.collect()
+            if not todo and lr in lrs and beyond(lrs, best) is not None:
+                todo.append(beyond(lrs, best))
         if not (self.run_dir(task, row, best, 0, "validation") / "test.json").is_file() and not kept:
             kept = {}  # an interrupted earlier invocation: train the chosen run again to score it
             self.train(task, row, keys, best, 0, "validation", self.a.val, keep=kept)
@@ -166,6 +176,21 @@ class Bench:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"accuracy": acc}))
         return acc
+
+
+def beyond(lrs: tuple, best: float):
+    """The next learning rate past the grid's edge (steps of ~3x: 1e-3 -> 3e-4 -> 1e-4 ...) if
+    ``best`` is at that edge, else None."""
+    import math
+
+    lo, hi = min(lrs), max(lrs)
+    if best not in (lo, hi) or len(lrs) < 2:
+        return None
+    e = math.floor(math.log10(best) + 1e-9)
+    one = abs(best / 10 ** e - 1) < 1e-6  # mantissa 1 (else 3)
+    if best == lo:
+        return float(f"{3 if one else 1}e{e - 1 if one else e}")
+    return float(f"{3 if one else 1}e{e if one else e + 1}")
 
 
 def final_loss(m: dict) -> float:
@@ -261,9 +286,10 @@ def write_results(a, rows: dict, grid: dict, base: dict, seconds: float) -> None
                          f"{final_loss(m):.4f} | {m['train_seconds']:.0f} |")
         lines.append("")
     lines += ["## Learning-rate grid (rotten_tomatoes, seed 0, validation accuracy)", "",
-              "| method | " + " | ".join("lr / val acc" for _ in range(3)) + " |", "|---|---|---|---|"]
+              "| method | " + " | ".join("lr / val acc" for _ in range(4)) + " |", "|---|---|---|---|---|"]
     for row, g in grid.items():
-        lines.append(f"| {row} | " + " | ".join(f"{lr:g}: {100 * acc:.1f}%" for lr, acc in g.items()) + " |")
+        cells = [f"{lr:g}: {100 * acc:.1f}%" for lr, acc in sorted(g.items())]
+        lines.append(f"| {row} | " + " | ".join(cells + [""] * (4 - len(cells))) + " |")
     out = ROOT / "bench" / "results" / "quality.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
