@@ -108,7 +108,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are cut)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (longer ones lose the start of their prompt)"})
     seed: int = field(default=0, metadata={"help": "seed for adapter init noise, data order and dropout"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only the final adapter)"})

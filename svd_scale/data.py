@@ -66,12 +66,21 @@ def load_splits(spec: str, eval_spec: Optional[str] = None) -> Splits:
 
 
 def encode(record: dict, tok, max_length: int) -> dict:
-    """Token ids and labels; labels are -100 on the prompt so the loss is on the completion."""
+    """Token ids and labels; labels are -100 on the prompt so the loss is on the completion.
+
+    An example longer than ``max_length`` loses the *start of its prompt* (a leading BOS token is
+    kept): the completion is what the loss is on, and the end of the prompt is what it answers.
+    Cutting from the end instead would drop the label of every long example -- on a task where one
+    class is long (plot synopses vs reviews) the model would then see only the other class."""
     if "prompt" in record and record.get("completion") is not None:
         p = tok(record["prompt"], add_special_tokens=True)["input_ids"]
         c = tok(record["completion"], add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             c = c + [tok.eos_token_id]
+        if len(p) + len(c) > max_length:
+            head = p[:1] if p and p[0] == getattr(tok, "bos_token_id", None) else []
+            tail = max(0, max_length - len(c) - len(head))
+            p = (head + (p[-tail:] if tail else []))[: max(0, max_length - len(c))]
         ids = (p + c)[:max_length]
         labels = ([-100] * len(p) + c)[:max_length]
     else:

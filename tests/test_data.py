@@ -22,6 +22,17 @@ def test_prompt_is_masked_and_completion_is_learned():
     assert len(encode({"prompt": "abcdef", "completion": "g"}, _Tok(), 4)["input_ids"]) == 4
 
 
+def test_a_long_example_keeps_its_completion_and_the_end_of_its_prompt():
+    """Too long: the prompt loses its start (BOS kept), never the label the loss is on."""
+    tok, t = _Tok(), (lambda ch: 10 + ord(ch) % 50)
+    tok.bos_token_id = 1
+    e = encode({"prompt": "abcdefgh", "completion": "z"}, tok, 5)
+    assert e["input_ids"] == [1, t("g"), t("h"), t("z"), 2]
+    assert e["labels"] == [-100, -100, -100, t("z"), 2]
+    no_bos = encode({"prompt": "abcdefgh", "completion": "z"}, type("T", (_Tok,), {"bos_token_id": None})(), 4)
+    assert no_bos["labels"][-2:] == [t("z"), 2] and len(no_bos["input_ids"]) == 4
+
+
 def test_collator_pads_and_masks():
     b = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
