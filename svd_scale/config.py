@@ -104,7 +104,7 @@ class TrainConfig:
     max_steps: int = field(default=120, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "micro-batch per device"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (sigma-only methods need large ones)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (svd_scale's, chosen by bench/quality.py; see configs for others)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
