@@ -133,8 +133,8 @@ def save_optimizer(model: nn.Module, optimizer, checkpoint_dir: str) -> None:
 
 
 def load_optimizer(model: nn.Module, optimizer, checkpoint_dir: str) -> None:
-    """Restore what :func:`save_optimizer` wrote into ``optimizer`` (a collective; tested with the
-    saving run's world size)."""
+    """Restore what :func:`save_optimizer` wrote into ``optimizer`` (a collective). DCP reshards:
+    a checkpoint written by N ranks loads under M (tests/test_fsdp2.py resumes 2 -> 3 ranks)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 

@@ -1,7 +1,7 @@
 """One multi-rank FSDP2 job (gloo, CPU) that runs every FSDP2 check, so CI pays torchrun's
 start-up once per world size. Launched by tests/test_fsdp2.py:
 
-    torchrun --nproc_per_node N tests/dist/fsdp2_job.py --model DIR --out DIR
+    torchrun --nproc_per_node N tests/dist/fsdp2_job.py --model DIR --out DIR [--resume-from DIR]
 
 Each rank also builds the single-process reference itself (the model is tiny), so every
 comparison is against plain, unsharded svd_scale on the same weights. It only records
@@ -31,7 +31,9 @@ LR = {"svd_scale": 1e-2, "pissa": 1e-3, "sorsa": 1e-3, "kasa": 1e-3, "salora": 1
 METHODS = tuple(LR)  # sorsa and kasa add a regularizer over whole (gathered) parameters
 # weights large enough that a wrong regularizer gradient (lost, or counted once per rank) moves the losses
 OPTS = {"sorsa": {"gamma": 0.5}, "kasa": {"beta": 0.1, "gamma": 0.5}, "salora": {"gamma": 0.5, "budget": 0.25}}
-# shared with tests/test_fsdp2.py's single-process reference (which uses batch 2 x world)
+# shared with tests/test_fsdp2.py's single-process reference; the launch path's global batch is
+# LAUNCH_BATCH for every world size (2 x 3 = 3 x 2), so a checkpoint of one resumes under the other
+LAUNCH_BATCH = 6
 RUN_ARGS = ("rank=8", "train.eval_examples=24", "train.logging_steps=1", "train.max_length=48", "train.lr=1e-2",
             "train.max_steps=10")
 
@@ -76,6 +78,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--resume-from", default=None, help="another world size's launch-path run dir to resume")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -152,7 +155,8 @@ def main():
     from svd_scale.config import load_config
     from svd_scale.training import run
 
-    launch = (f"model={a.model}", *RUN_ARGS, "train.batch_size=2", "train.engine=fsdp2", "train.save_steps=5")
+    launch = (f"model={a.model}", *RUN_ARGS, f"train.batch_size={LAUNCH_BATCH // world}", "train.engine=fsdp2",
+              "train.save_steps=5")
     run(load_config(None, (*launch, f"train.output_dir={out / 'train'}")))
     # --resume: a copy of that run stopped after step 5 (its later checkpoint dropped) continues
     # from checkpoint-5: adapter, sharded AdamW state (DCP), scheduler and RNG restored
@@ -161,6 +165,12 @@ def main():
         shutil.copytree(out / "train", out / "resume", ignore=lambda d, names: drop & set(names) if d == str(out / "train") else ())
     dist.barrier()
     run(load_config(None, (*launch, f"train.output_dir={out / 'resume'}")), resume=True)
+    if a.resume_from:  # the same, from a checkpoint another world size wrote (DCP reshards the AdamW state)
+        if rank == 0:
+            src = Path(a.resume_from)
+            shutil.copytree(src, out / "reworld", ignore=lambda d, names: drop & set(names) if d == str(src) else ())
+        dist.barrier()
+        run(load_config(None, (*launch, f"train.output_dir={out / 'reworld'}")), resume=True)
     # train.compile: the same run with every (FSDP2-sharded) decoder layer under torch.compile
     kept: dict = {}
     run(load_config(None, (*launch, "train.compile=true", f"train.output_dir={out / 'compiled'}")), keep=kept)
