@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Training throughput and memory per GPU under DeepSpeed ZeRO-3: svd_scale vs PEFT QLoRA through
+transformers' own path, side by side in one launch (issue 9, run 3).
+
+    deepspeed --num_gpus N bench/zero3_throughput.py [--shape 7b|70b|tiny] [--layers L] [--seq 2048]
+              [--steps 5] [--rows svd_scale_nf4,peft_qlora] [--out FILE]
+
+Rank 0 writes a checkpoint of the shape with random weights once (speed and memory depend on shapes,
+not values; ``--layers`` shortens the model, e.g. to fit the disk). Each row then loads it, adapts it,
+builds the DeepSpeed engine and trains ``--steps`` timed steps after 2 warm-ups (micro-batch 1 per
+GPU, seq ``--seq``, gradient checkpointing, AdamW). Rows:
+
+- ``peft_qlora``: what PEFT's docs prescribe for QLoRA + ZeRO-3 ("Use PEFT QLoRA and DeepSpeed with
+  ZeRO3"): ``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit, nf4, bnb_4bit_quant_storage=
+  bfloat16)`` (transformers skips ``zero.Init`` for quantized models, so every rank loads the whole
+  4-bit model and ``deepspeed.initialize`` partitions it), LoRA r=16 α=16 on all 7 projections,
+  DeepSpeed ``bf16`` on.
+- ``peft_lora``: the same with a bf16 base (loaded under ``zero.Init``).
+- ``svd_scale_nf4`` / ``svd_scale_bf16``: svd_scale r=64 (randomized SVD, T=1), the base loaded
+  partitioned under ``zero.Init``, the sharding-aware init (``ZeRO3Access``), DeepSpeed's
+  ``torch_autocast`` bf16 (σ and s stay fp32), as ``launch/train.py`` runs it.
+
+Per row (max over ranks): load + adapt seconds, peak GiB during load + adapt, peak GiB during
+training, parameter GiB held by the rank after ``deepspeed.initialize``; tokens/s per GPU (median
+step). On CPU (``DS_ACCELERATOR=cpu``, gloo) it runs as a smoke test: no peak memory figures.
+Results table to ``--out`` (default ``bench/results/zero3_throughput_<device>x<N>.md``).
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # Llama-2-7B, Llama-2-70B (GQA, 8 KV heads), and a CPU smoke-test shape
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=32000),
+}
+ROWS = ("peft_qlora", "svd_scale_nf4", "peft_lora", "svd_scale_bf16")
+LABEL = {"peft_qlora": "PEFT QLoRA r=16 (transformers 4-bit path)", "peft_lora": "PEFT LoRA r=16, bf16 base",
+         "svd_scale_nf4": "svd_scale r=64, NF4 residual", "svd_scale_bf16": "svd_scale r=64, bf16 residual"}
+
+
+def write_checkpoint(path: Path, shape: str, layers: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return
+    cfg = LlamaConfig(**{**SHAPES[shape], "num_hidden_layers": layers}, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on CPU at 7B
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def ds_config(row: str) -> dict:
+    cfg = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
+           "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if row.startswith("peft"):
+        cfg["bf16"] = {"enabled": True}  # PEFT's documented config (accelerate's bf16 mixed precision)
+    else:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # what svd_scale.training uses
+    return cfg
+
+
+def build(row: str, path: Path, ds: dict):
+    """The model of ``row``, adapted, before ``deepspeed.initialize``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from svd_scale.distributed import zero3_loading
+
+    if row.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841  (transformers' ZeRO-3 switch, alive while loading)
+        kw = {}
+        if row == "peft_qlora":
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16,
+                                                           bnb_4bit_quant_storage=torch.bfloat16)
+            if torch.cuda.is_available():
+                kw["device_map"] = {"": torch.cuda.current_device()}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, **kw)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ,
+                                                 task_type="CAUSAL_LM"))
+        return model
+    import svd_scale
+    from svd_scale.distributed import ZeRO3Access
+
+    with zero3_loading(ds, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
+                                  quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
+    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds))
+
+
+def _peak(cuda: bool) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+
+def _reset(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _max(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def local_param_gib(model) -> float:
+    n = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        n += t.numel() * t.element_size()
+    return n / 2**30
+
+
+def row(name: str, path: Path, seq: int, steps: int, cuda: bool) -> dict:
+    ds = ds_config(name)
+    _reset(cuda)
+    dist.barrier()
+    t0 = time.perf_counter()
+    model = build(name, path, ds)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    dist.barrier()
+    four_bit = sum(1 for m in model.modules()  # bitsandbytes' own layers (PEFT's wrappers around them not counted)
+                   if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
+                   or type(m).__name__ == "ShardableNF4Linear")
+    out = {"row": name, "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
+           "local_param_gib": _max(local_param_gib(model)),
+           "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dev = engine.device
+    g = torch.Generator().manual_seed(dist.get_rank())
+    times, losses = [], []
+    for i in range(2 + steps):
+        x = torch.randint(0, 32000, (1, seq), generator=g).to(dev)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        losses.append(loss.item())
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    out["tok_s_per_gpu"] = seq / _max(statistics.median(times))  # the slowest rank sets the pace
+    out["train_peak_gib"] = _max(_peak(cuda))
+    if not all(l == l and abs(l) < 1e4 for l in losses):
+        raise RuntimeError(f"{name}: non-finite or exploding loss {losses}")
+    engine.destroy()
+    del engine, model, opt, trainable
+    _reset(cuda)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rows", default="peft_qlora,svd_scale_nf4")
+    ap.add_argument("--ckpt", default="/tmp/svd_scale_zero3_bench")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    rows = a.rows.split(",")
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {bad}; allowed: {', '.join(ROWS)}")
+    layers = a.layers or SHAPES[a.shape]["num_hidden_layers"]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = Path(f"{a.ckpt}_{a.shape}_{layers}l")
+    if rank == 0:
+        write_checkpoint(path, a.shape, layers)
+    dist.barrier()
+    results = [row(r, path, a.seq, a.steps, cuda) for r in rows]
+    if rank != 0:
+        return
+    dev = torch.cuda.get_device_name() if cuda else "CPU (gloo; no memory figures)"
+    ref = next((r for r in results if r["row"] == "peft_qlora"), None)
+    lines = [f"# ZeRO-3 training throughput and memory per GPU: {a.shape} shape ({layers} layers), {world} rank(s)", "",
+             f"- device: {world} x {dev}; torch {torch.__version__}, deepspeed {deepspeed.__version__}; date {datetime.date.today()}",
+             f"- command: `deepspeed --num_gpus {world} bench/zero3_throughput.py {' '.join(x for x in sys.argv[1:] if not x.startswith('--local_rank'))}`",
+             f"- seq {a.seq}, micro-batch 1 per GPU, gradient checkpointing, AdamW; median of {a.steps} steps after 2 "
+             "warm-ups; every figure is the maximum over ranks", "",
+             "| row | trainable | 4-bit layers | tokens/s per GPU | vs PEFT QLoRA | train peak GiB | load+adapt peak GiB | params GiB per rank | load+adapt s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r['tok_s_per_gpu'] / ref['tok_s_per_gpu']:.2f}x" if ref else "-"
+        lines.append(f"| {LABEL[r['row']]} | {r['trainable']:,} | {r['four_bit_layers']} | {r['tok_s_per_gpu']:,.0f} | {ratio} | "
+                     f"{r['train_peak_gib']:.2f} | {r['init_peak_gib']:.2f} | {r['local_param_gib']:.2f} | {r['init_s']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    print(json.dumps(results))
+    tag = (torch.cuda.get_device_name().split()[-1] if cuda else "cpu") + f"x{world}"
+    out = Path(a.out or ROOT / "bench" / "results" / f"zero3_throughput_{tag}.md")
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
