@@ -99,8 +99,7 @@ def build(row: str, path: Path, ds: dict):
             kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16,
                                                            bnb_4bit_quant_storage=torch.bfloat16)
-            if torch.cuda.is_available():
-                kw["device_map"] = {"": torch.cuda.current_device()}
+            # no device_map: transformers refuses one under ZeRO-3 and places the 4-bit model itself
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, **kw)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ,
                                                  task_type="CAUSAL_LM"))
