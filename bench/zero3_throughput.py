@@ -3,7 +3,8 @@
 transformers' own path, side by side in one launch (issue 9, run 3).
 
     deepspeed --num_gpus N bench/zero3_throughput.py [--shape 7b|70b|tiny] [--layers L] [--seq 2048]
-              [--steps 5] [--rows svd_scale_nf4,peft_qlora] [--out FILE]
+              [--steps 5] [--rows peft_qlora,svd_scale_nf4] [--out FILE] [--json FILE]
+    python bench/zero3_throughput.py --merge A.json B.json --out FILE   # one process per row, one table
 
 Rank 0 writes a checkpoint of the shape with random weights once (speed and memory depend on shapes,
 not values; ``--layers`` shortens the model, e.g. to fit the disk). Each row then loads it, adapts it,
@@ -72,8 +73,12 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
         torch.cuda.empty_cache()
 
 
-def ds_config(row: str) -> dict:
-    cfg = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
+def ds_config(row: str, hidden: int) -> dict:
+    """The ZeRO-3 config of configs/deepspeed/zero3.json with its "auto" sizes filled in as
+    transformers' Trainer fills them (integrations/deepspeed.py), so both tools get what users get."""
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden}
+    cfg = {"zero_optimization": zero,
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if row.startswith("peft"):
@@ -139,14 +144,20 @@ def local_param_gib(model) -> float:
     return n / 2**30
 
 
-def row(name: str, path: Path, seq: int, steps: int, cuda: bool) -> dict:
-    ds = ds_config(name)
+def _now(cuda: bool) -> float:
+    return torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+
+
+def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int) -> dict:
+    ds = ds_config(name, hidden)
     _reset(cuda)
+    before = _max(_now(cuda))  # what earlier rows left behind (0 when each row has its own process)
     dist.barrier()
     t0 = time.perf_counter()
     model = build(name, path, ds)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    model.train()  # from_pretrained returns eval mode, where transformers skips the checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
@@ -155,6 +166,7 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool) -> dict:
                    if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
                    or type(m).__name__ == "ShardableNF4Linear")
     out = {"row": name, "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
+           "before_gib": before, "resident_gib": _max(_now(cuda)),
            "local_param_gib": _max(local_param_gib(model)),
            "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
     if cuda:
@@ -194,8 +206,12 @@ def main():
     ap.add_argument("--rows", default="peft_qlora,svd_scale_nf4")
     ap.add_argument("--ckpt", default="/tmp/svd_scale_zero3_bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None, help="also write the rows' figures here")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--merge", nargs="+", default=None, help="only write the table of these --json files")
     a = ap.parse_args()
+    if a.merge:
+        return report([r for f in a.merge for r in json.loads(Path(f).read_text())], a.out or "/dev/stdout")
     rows = a.rows.split(",")
     bad = [r for r in rows if r not in ROWS]
     if bad:
@@ -210,28 +226,42 @@ def main():
     if rank == 0:
         write_checkpoint(path, a.shape, layers)
     dist.barrier()
-    results = [row(r, path, a.seq, a.steps, cuda) for r in rows]
+    results = [row(r, path, a.seq, a.steps, cuda, SHAPES[a.shape]["hidden_size"]) for r in rows]
     if rank != 0:
         return
-    dev = torch.cuda.get_device_name() if cuda else "CPU (gloo; no memory figures)"
+    meta = {"shape": a.shape, "layers": layers, "world": world, "seq": a.seq, "steps": a.steps,
+            "device": torch.cuda.get_device_name() if cuda else "CPU (gloo; no memory figures)",
+            "versions": f"torch {torch.__version__}, deepspeed {deepspeed.__version__}", "date": str(datetime.date.today()),
+            "command": "deepspeed --num_gpus {} bench/zero3_throughput.py {}".format(
+                world, " ".join(x for x in sys.argv[1:] if not x.startswith("--local_rank")))}
+    results = [{**meta, **r} for r in results]
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
+    tag = (meta["device"].split()[-1] if cuda else "cpu") + f"x{world}"
+    report(results, a.out or str(ROOT / "bench" / "results" / f"zero3_throughput_{tag}.md"))
+
+
+def report(results: list, out: str) -> None:
+    """The table of ``results`` (rows of one launch, or of one launch per row via --merge)."""
+    m = results[0]
     ref = next((r for r in results if r["row"] == "peft_qlora"), None)
-    lines = [f"# ZeRO-3 training throughput and memory per GPU: {a.shape} shape ({layers} layers), {world} rank(s)", "",
-             f"- device: {world} x {dev}; torch {torch.__version__}, deepspeed {deepspeed.__version__}; date {datetime.date.today()}",
-             f"- command: `deepspeed --num_gpus {world} bench/zero3_throughput.py {' '.join(x for x in sys.argv[1:] if not x.startswith('--local_rank'))}`",
-             f"- seq {a.seq}, micro-batch 1 per GPU, gradient checkpointing, AdamW; median of {a.steps} steps after 2 "
+    cmds = sorted({r["command"] for r in results})
+    lines = [f"# ZeRO-3 training throughput and memory per GPU: {m['shape']} shape ({m['layers']} layers), {m['world']} rank(s)", "",
+             f"- device: {m['world']} x {m['device']}; {m['versions']}; date {m['date']}",
+             "- command" + ("s (one process per row)" if len(cmds) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in cmds),
+             f"- seq {m['seq']}, micro-batch 1 per GPU, gradient checkpointing, AdamW; median of {m['steps']} steps after 2 "
              "warm-ups; every figure is the maximum over ranks", "",
-             "| row | trainable | 4-bit layers | tokens/s per GPU | vs PEFT QLoRA | train peak GiB | load+adapt peak GiB | params GiB per rank | load+adapt s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | trainable | 4-bit layers | tokens/s per GPU | vs PEFT QLoRA | train peak GiB | load+adapt peak GiB "
+             "| params GiB per rank | resident GiB after init | left by earlier rows GiB | load+adapt s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r['tok_s_per_gpu'] / ref['tok_s_per_gpu']:.2f}x" if ref else "-"
         lines.append(f"| {LABEL[r['row']]} | {r['trainable']:,} | {r['four_bit_layers']} | {r['tok_s_per_gpu']:,.0f} | {ratio} | "
-                     f"{r['train_peak_gib']:.2f} | {r['init_peak_gib']:.2f} | {r['local_param_gib']:.2f} | {r['init_s']:.1f} |")
+                     f"{r['train_peak_gib']:.2f} | {r['init_peak_gib']:.2f} | {r['local_param_gib']:.2f} | {r['resident_gib']:.2f} | "
+                     f"{r['before_gib']:.2f} | {r['init_s']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    print(json.dumps(results))
-    tag = (torch.cuda.get_device_name().split()[-1] if cuda else "cpu") + f"x{world}"
-    out = Path(a.out or ROOT / "bench" / "results" / f"zero3_throughput_{tag}.md")
-    out.write_text(text)
+    Path(out).write_text(text)
 
 
 if __name__ == "__main__":
