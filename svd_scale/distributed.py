@@ -199,6 +199,58 @@ def zero3_loading(ds_config: dict, dtype: torch.dtype):
             hf_ds.unset_hf_deepspeed_config()
 
 
+# ----------------------------------------------------------------------------- resuming
+def checkpoint_world_size(checkpoint_dir: str) -> Optional[int]:
+    """How many ranks wrote the ZeRO checkpoint in ``checkpoint_dir`` (its ``latest`` tag's
+    optimizer partitions), or None when it holds no DeepSpeed checkpoint."""
+    from pathlib import Path
+
+    latest = Path(checkpoint_dir) / "latest"
+    if not latest.is_file():
+        return None
+    n = len(list((Path(checkpoint_dir) / latest.read_text().strip()).glob("*_optim_states.pt")))
+    return n or None
+
+
+def prepare_universal_resume(checkpoint_dir: str, world: int) -> bool:
+    """Make a ZeRO-3 checkpoint written by another number of ranks loadable by this run.
+
+    ZeRO partitions the optimizer state by world size, so DeepSpeed cannot load a checkpoint of
+    N ranks on M (it fails deep inside with a tensor-size mismatch). DeepSpeed's *universal*
+    checkpoint (``deepspeed.checkpoint.ds_to_universal``; Lian et al., "Universal Checkpointing",
+    arXiv 2406.18820) stores each parameter's fp32 value and Adam moments whole, and any world size
+    loads it with ``checkpoint.load_universal``. Rank 0 converts once, beside the original (a
+    temporary folder, then rename, so an interrupted conversion leaves nothing half-written); the
+    frozen base and residual are not in it and need not be: the init recomputes them identically.
+    Returns True when the run must load the universal copy (every rank calls this; a barrier)."""
+    import shutil
+    from argparse import Namespace
+    from pathlib import Path
+
+    written = checkpoint_world_size(checkpoint_dir)
+    if written is None or written == world:
+        return False
+    ckpt = Path(checkpoint_dir)
+    tag = (ckpt / "latest").read_text().strip()
+    target = ckpt / f"{tag}_universal"
+    if dist.get_rank() == 0 and not (ckpt / "latest_universal").is_file():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ckpt / f".{tag}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp / target.name),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=False))
+        shutil.rmtree(target, ignore_errors=True)
+        (tmp / target.name).rename(target)
+        shutil.rmtree(tmp)
+        part = ckpt / "latest_universal.tmp"
+        part.write_text(target.name)
+        part.rename(ckpt / "latest_universal")
+    dist.barrier()
+    return True
+
+
 def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
     """(elements this rank stores, elements of the whole model) -- the partitioning check."""
     local = total = 0

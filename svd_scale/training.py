@@ -246,6 +246,15 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     # fsdp2: transformers refuses to checkpoint a model sharded at load time unless told to save the
     # model only; SVDTrainer then saves the sharded optimizer itself (see below and svd_scale.fsdp).
     extra = {"save_only_model": True} if fsdp2 else {}
+    checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None  # before any expensive work
+    if checkpoint and ds is not None:
+        from .distributed import checkpoint_world_size, prepare_universal_resume
+
+        written = checkpoint_world_size(checkpoint)
+        if prepare_universal_resume(checkpoint, torch.distributed.get_world_size()):
+            _say(f"{checkpoint} was written by {written} ranks, this run has {torch.distributed.get_world_size()}: "
+                 "resuming from its DeepSpeed universal copy")
+            ds.setdefault("checkpoint", {})["load_universal"] = True
     args = training_arguments(cfg, deepspeed=ds, **extra)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage") == 3
@@ -292,7 +301,6 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     if fsdp2:
         trainer.args.save_only_model = False  # full checkpoints: optimizer (DCP), scheduler, RNG
     t_train = time.time()
-    checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None
     if checkpoint:
         metrics["resumed_from"] = checkpoint
         _say(f"resuming from {checkpoint}")

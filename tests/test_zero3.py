@@ -47,20 +47,23 @@ def world2(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world3(model_dir, tmp_path_factory):
-    return 3, _launch(3, model_dir, tmp_path_factory.mktemp("z3_w3"), "--train")
+def world3(model_dir, tmp_path_factory, world2):
+    """Also resumes the 2-rank run's checkpoint-5 with 3 ranks (svd_scale converts it to DeepSpeed's
+    universal format)."""
+    return 3, _launch(3, model_dir, tmp_path_factory.mktemp("z3_w3"), "--train", "--resume-from", str(world2[1] / "train"))
 
 
 @pytest.fixture(scope="module")
 def single(model_dir, tmp_path_factory):
-    """Single-process references with the same global batch (2 per rank x world)."""
-    refs = {}
-    for world in (2, 3):
-        out = tmp_path_factory.mktemp(f"single_{world}")
-        refs[world] = run(load_config(None, (f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1",
-                                             "train.max_length=48", f"train.batch_size={2 * world}", "train.lr=1e-2",
-                                             "train.max_steps=10", f"train.output_dir={out}"))), out
-    return refs
+    """The single-process reference with the jobs' global batch (the same at every world size)."""
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import GLOBAL_BATCH
+
+    out = tmp_path_factory.mktemp("single")
+    ref = run(load_config(None, (f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1",
+                                 "train.max_length=48", f"train.batch_size={GLOBAL_BATCH}", "train.lr=1e-2",
+                                 "train.max_steps=10", f"train.output_dir={out}"))), out
+    return {2: ref, 3: ref}
 
 
 @pytest.fixture(params=["world2", "world3"])
@@ -146,6 +149,29 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
     y = load_file(str(out / "train" / "adapter" / "adapter.safetensors"))
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=1e-6, rtol=1e-6)
+
+
+def test_a_checkpoint_resumes_under_another_world_size(world2, world3):
+    """2 ranks wrote checkpoint-5, 3 ranks resume it: svd_scale converts it once to DeepSpeed's
+    universal format (beside the original) and loads that. Steps 6-10 and the adapter match the
+    uninterrupted 2-rank run (observed ~1e-7; with the converted Adam moments zeroed, steps 7-10
+    moved by 3.5e-4 to 6e-4 relative, so rel 1e-5 fails then)."""
+    _, out2 = world2
+    _, out3 = world3
+    full = json.loads((out2 / "metrics_uninterrupted.json").read_text())
+    resumed = json.loads((out3 / "reworld" / "metrics.json").read_text())
+    assert resumed["world_size"] == 3 and full["world_size"] == 2 and resumed["resumed_from"].endswith("checkpoint-5")
+    ckpt = out3 / "reworld" / "checkpoint-5"
+    assert (ckpt / "latest_universal").read_text() == "global_step5_universal"
+    assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+    a, b = dict(full["losses"]), dict(resumed["losses"])
+    for step in range(6, 11):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    x = load_file(str(out2 / "adapter_uninterrupted" / "adapter.safetensors"))
+    y = load_file(str(out3 / "reworld" / "adapter" / "adapter.safetensors"))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):

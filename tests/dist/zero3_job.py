@@ -2,6 +2,7 @@
 start-up once per world size. Launched by tests/test_zero3.py:
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus N tests/dist/zero3_job.py --model DIR --out DIR [--train] [--resume] [--bf16]
+        [--resume-from RUN_DIR]   # a run of another world size: resume its checkpoint-5 here
 
 It only records facts (files under --out); the assertions live in the pytest file.
 """
@@ -27,6 +28,7 @@ from svd_scale.distributed import ZeRO3Access, local_shard_numel, zero3_loading 
 from svd_scale.io import adapter_state_dict  # noqa: E402
 from svd_scale.training import run  # noqa: E402
 
+GLOBAL_BATCH = 6  # the Trainer runs' global batch at every world size (2 x 3 = 3 x 2), so checkpoints cross over
 DS = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True,
       "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
 
@@ -123,9 +125,9 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     engine.destroy()
 
 
-def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> None:
+def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resume_from: str = None) -> None:
     common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
-              "train.batch_size=2", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
+              f"train.batch_size={GLOBAL_BATCH // world}", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
     run_dir = out / "train"
     run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")))
     if resume:  # stop after step 5: drop the later checkpoint, then --resume
@@ -135,6 +137,12 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool) -> No
             shutil.rmtree(run_dir / "checkpoint-10")
         dist.barrier()
         run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
+    if resume_from:  # another world size's checkpoint: converted to DeepSpeed's universal format and resumed
+        if dist.get_rank() == 0:
+            shutil.copytree(Path(resume_from) / "checkpoint-5", out / "reworld" / "checkpoint-5")
+        dist.barrier()
+        run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={out / 'reworld'}")),
+            resume=True)
     if bf16:
         # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
         run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",
@@ -148,6 +156,7 @@ def main():
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--resume-from", default=None)
     ap.add_argument("--methods", action="store_true")
     ap.add_argument("--nf4", action="store_true")
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -162,7 +171,7 @@ def main():
     if a.nf4:
         nf4_checks(a.model, out, rank, world)
     if a.train:
-        train(a.model, out, world, a.resume, a.bf16)
+        train(a.model, out, world, a.resume, a.bf16, a.resume_from)
     dist.barrier()
 
 
