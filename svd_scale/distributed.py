@@ -222,6 +222,7 @@ def prepare_universal_resume(checkpoint_dir: str, world: int) -> bool:
     loads it with ``checkpoint.load_universal``. Rank 0 converts once, beside the original (a
     temporary folder, then rename, so an interrupted conversion leaves nothing half-written); the
     frozen base and residual are not in it and need not be: the init recomputes them identically.
+    Multi-node: the checkpoint must sit on storage every rank reads, as DeepSpeed's own loading needs.
     Returns True when the run must load the universal copy (every rank calls this; a barrier)."""
     import shutil
     from argparse import Namespace
