@@ -212,7 +212,7 @@ def checkpoint_world_size(checkpoint_dir: str) -> Optional[int]:
     return n or None
 
 
-def prepare_universal_resume(checkpoint_dir: str, world: int) -> bool:
+def prepare_universal_resume(checkpoint_dir: str, world: int) -> Optional[int]:
     """Make a ZeRO-3 checkpoint written by another number of ranks loadable by this run.
 
     ZeRO partitions the optimizer state by world size, so DeepSpeed cannot load a checkpoint of
@@ -223,14 +223,15 @@ def prepare_universal_resume(checkpoint_dir: str, world: int) -> bool:
     temporary folder, then rename, so an interrupted conversion leaves nothing half-written); the
     frozen base and residual are not in it and need not be: the init recomputes them identically.
     Multi-node: the checkpoint must sit on storage every rank reads, as DeepSpeed's own loading needs.
-    Returns True when the run must load the universal copy (every rank calls this; a barrier)."""
+    Returns the number of ranks that wrote it when the run must load the universal copy, else None
+    (every rank calls this; a barrier)."""
     import shutil
     from argparse import Namespace
     from pathlib import Path
 
     written = checkpoint_world_size(checkpoint_dir)
     if written is None or written == world:
-        return False
+        return None
     ckpt = Path(checkpoint_dir)
     tag = (ckpt / "latest").read_text().strip()
     target = ckpt / f"{tag}_universal"
@@ -249,7 +250,7 @@ def prepare_universal_resume(checkpoint_dir: str, world: int) -> bool:
         part.write_text(target.name)
         part.rename(ckpt / "latest_universal")
     dist.barrier()
-    return True
+    return written
 
 
 def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:

@@ -248,10 +248,10 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     extra = {"save_only_model": True} if fsdp2 else {}
     checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None  # before any expensive work
     if checkpoint and ds is not None:
-        from .distributed import checkpoint_world_size, prepare_universal_resume
+        from .distributed import prepare_universal_resume
 
-        written = checkpoint_world_size(checkpoint)
-        if prepare_universal_resume(checkpoint, torch.distributed.get_world_size()):
+        written = prepare_universal_resume(checkpoint, torch.distributed.get_world_size())
+        if written:
             _say(f"{checkpoint} was written by {written} ranks, this run has {torch.distributed.get_world_size()}: "
                  "resuming from its DeepSpeed universal copy")
             ds.setdefault("checkpoint", {})["load_universal"] = True
