@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built from configs, and the real SmolLM2 (cached)."""
+"""Shared fixtures: tiny models built from configs, and the real SmolLM2 (cached); the checks
+every resume / agreement test makes on two runs' outputs."""
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,27 @@ def smollm2_path():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 128, (2, 12), generator=g)
+
+
+def assert_same_adapter(dir_a, dir_b, atol: float, rtol: float) -> None:
+    """Two saved adapters (``<dir>/adapter.safetensors``) hold the same tensor names and values."""
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(Path(d) / "adapter.safetensors")) for d in (dir_a, dir_b))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=atol, rtol=rtol)
+
+
+def assert_resumed_like_uninterrupted(full: dict, resumed: dict, rel: float) -> None:
+    """A run resumed from checkpoint-5 logs the uninterrupted run's losses at steps 6-10
+    (``metrics.json`` dicts of training.run)."""
+    import pytest
+
+    assert resumed["resumed_from"].endswith("checkpoint-5")
+    a, b = dict(full["losses"]), dict(resumed["losses"])
+    for step in range(6, 11):
+        assert b[step] == pytest.approx(a[step], rel=rel), step
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, free_port, save_tiny_llama_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist" / "fsdp2_job.py"
@@ -130,8 +130,6 @@ def test_regularized_methods_train_like_one_process(job):
 def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, single):
     """launch/train.py's run() with train.engine=fsdp2: Trainer, per-rank data, held-out
     evaluation (a collective) and export, against engine single with the same global batch."""
-    from safetensors.torch import load_file
-
     world, out = job[0]["world"], Path(job[0]["out"]) / "train"
     ref, ref_out = single
     got = json.loads((out / "metrics.json").read_text())
@@ -140,10 +138,7 @@ def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, s
     assert len(a) == len(b) == 10
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
     assert got["accuracy_before"] == ref["accuracy_before"] and got["accuracy_after"] == ref["accuracy_after"]
-    mine, theirs = load_file(str(out / "adapter" / "adapter.safetensors")), load_file(str(ref_out / "adapter" / "adapter.safetensors"))
-    assert sorted(mine) == sorted(theirs)
-    for k in theirs:
-        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(ref_out / "adapter", out / "adapter", atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["nf4", "nf4_dq"], ids=["nf4", "double_quant"])
@@ -167,21 +162,12 @@ def test_nf4_residual_is_sharded_and_equals_the_one_process_bitsandbytes_model(j
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(job):
     """Stop after step 5, --resume: steps 6-10 and the final adapter equal the uninterrupted
     run's (AdamW moments, schedule and data position restored; a fresh optimizer would differ)."""
-    from safetensors.torch import load_file
-
     out = Path(job[0]["out"])
     full = json.loads((out / "train" / "metrics.json").read_text())
     resumed = json.loads((out / "resume" / "metrics.json").read_text())
-    assert resumed["resumed_from"].endswith("checkpoint-5") and "accuracy_before" not in resumed
-    a, b = dict(full["losses"]), dict(resumed["losses"])
-    assert set(range(6, 11)) <= set(b)  # steps 1-5 come back from the checkpoint's log history
-    for step in range(6, 11):
-        assert b[step] == pytest.approx(a[step], rel=1e-6), step
-    x = load_file(str(out / "train" / "adapter" / "adapter.safetensors"))
-    y = load_file(str(out / "resume" / "adapter" / "adapter.safetensors"))
-    assert sorted(x) == sorted(y)
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], atol=1e-6, rtol=1e-6)
+    assert "accuracy_before" not in resumed
+    assert_resumed_like_uninterrupted(full, resumed, rel=1e-6)
+    assert_same_adapter(out / "train" / "adapter", out / "resume" / "adapter", atol=1e-6, rtol=1e-6)
     world = job[0]["world"]
     shards = sorted(p.name for p in (out / "train" / "checkpoint-5" / "optimizer_dcp").iterdir())
     assert len([n for n in shards if n.endswith(".distcp")]) == world  # one shard file per rank
@@ -192,36 +178,23 @@ def test_resume_under_another_world_size_continues_the_run(job):
     reshards the AdamW moments onto the new rows, and steps 6-10 and the adapter match the
     uninterrupted 2-rank run up to reduction order (rel 1e-4; with the AdamW state not restored, step
     6's loss moved by 6e-4 relative, so this fails)."""
-    from safetensors.torch import load_file
-
     if job[0]["resumed_from_world"] is None:
         pytest.skip("the cross-world resume runs in the world-3 job, from world 2's checkpoint")
     out, src = Path(job[0]["out"]), _OUT[job[0]["resumed_from_world"]] / "train"
     full = json.loads((src / "metrics.json").read_text())
     resumed = json.loads((out / "reworld" / "metrics.json").read_text())
     assert resumed["world_size"] == job[0]["world"] != full["world_size"]
-    assert resumed["resumed_from"].endswith("checkpoint-5")
-    a, b = dict(full["losses"]), dict(resumed["losses"])
-    for step in range(6, 11):
-        assert b[step] == pytest.approx(a[step], rel=1e-4), step
-    x = load_file(str(src / "adapter" / "adapter.safetensors"))
-    y = load_file(str(out / "reworld" / "adapter" / "adapter.safetensors"))
-    assert sorted(x) == sorted(y)
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=1e-4)
+    assert_resumed_like_uninterrupted(full, resumed, rel=1e-4)
+    assert_same_adapter(src / "adapter", out / "reworld" / "adapter", atol=1e-5, rtol=1e-4)
 
 
 def test_compiled_layers_train_like_eager_under_fsdp2(job):
     """train.compile with engine fsdp2: torch.compile around the sharded decoder layers (FSDP2's
     hooks inside) gives the eager run's losses and adapter."""
-    from safetensors.torch import load_file
-
     out = Path(job[0]["out"])
     assert all(f["compiled_blocks"] for f in job)  # really compiled, on every rank
     eager, comp = (json.loads((out / d / "metrics.json").read_text()) for d in ("train", "compiled"))
     a, b = (torch.tensor([l for _, l in m["losses"]]) for m in (eager, comp))
     assert len(a) == len(b) == 10
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
-    x, y = (load_file(str(out / d / "adapter" / "adapter.safetensors")) for d in ("train", "compiled"))
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(out / "train" / "adapter", out / "compiled" / "adapter", atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, free_port, save_tiny_llama_with_real_tokenizer
 from safetensors.torch import load_file
 
 import svd_scale
@@ -140,15 +140,8 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
     _, out = world2
     full = json.loads((out / "metrics_uninterrupted.json").read_text())
     resumed = json.loads((out / "train" / "metrics.json").read_text())
-    assert resumed["resumed_from"].endswith("checkpoint-5")
-    a = dict((s, l) for s, l in full["losses"])
-    b = dict((s, l) for s, l in resumed["losses"])
-    for step in range(6, 11):
-        assert b[step] == pytest.approx(a[step], rel=1e-6), step
-    x = load_file(str(out / "adapter_uninterrupted" / "adapter.safetensors"))
-    y = load_file(str(out / "train" / "adapter" / "adapter.safetensors"))
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], atol=1e-6, rtol=1e-6)
+    assert_resumed_like_uninterrupted(full, resumed, rel=1e-6)
+    assert_same_adapter(out / "adapter_uninterrupted", out / "train" / "adapter", atol=1e-6, rtol=1e-6)
 
 
 def test_a_checkpoint_resumes_under_another_world_size(world2, world3):
@@ -160,18 +153,12 @@ def test_a_checkpoint_resumes_under_another_world_size(world2, world3):
     _, out3 = world3
     full = json.loads((out2 / "metrics_uninterrupted.json").read_text())
     resumed = json.loads((out3 / "reworld" / "metrics.json").read_text())
-    assert resumed["world_size"] == 3 and full["world_size"] == 2 and resumed["resumed_from"].endswith("checkpoint-5")
+    assert resumed["world_size"] == 3 and full["world_size"] == 2
     ckpt = out3 / "reworld" / "checkpoint-5"
     assert (ckpt / "latest_universal").read_text() == "global_step5_universal"
     assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
-    a, b = dict(full["losses"]), dict(resumed["losses"])
-    for step in range(6, 11):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
-    x = load_file(str(out2 / "adapter_uninterrupted" / "adapter.safetensors"))
-    y = load_file(str(out3 / "reworld" / "adapter" / "adapter.safetensors"))
-    assert sorted(x) == sorted(y)
-    for k in x:
-        torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=1e-4)
+    assert_resumed_like_uninterrupted(full, resumed, rel=1e-5)
+    assert_same_adapter(out2 / "adapter_uninterrupted", out3 / "reworld" / "adapter", atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
