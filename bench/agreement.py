@@ -32,7 +32,7 @@ def _zero3(ckpt: Path, cfg, world: int):
     from transformers import AutoModelForCausalLM
 
     import svd_scale
-    from svd_scale.distributed import ZeRO3Access, zero3_loading
+    from svd_scale.engines.zero3 import ZeRO3Access, zero3_loading
 
     ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True,
           "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1}
@@ -49,7 +49,7 @@ def train(out: Path, ckpt: Path, engine_name: str = "fsdp2") -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import svd_scale
-    from svd_scale import fsdp
+    from svd_scale.engines import fsdp2 as fsdp
     from svd_scale.io import save_adapter
 
     cuda = torch.cuda.is_available()

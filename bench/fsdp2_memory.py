@@ -4,7 +4,7 @@
     torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--compile] [--out FILE]
 
 Rank 0 writes a Llama-2-7B-shaped checkpoint with random weights (``--layers`` decoder layers;
-shapes decide memory), then every row loads it with ``svd_scale.fsdp.load_sharded`` (svd_scale r=64,
+shapes decide memory), then every row loads it with ``svd_scale.engines.fsdp2.load_sharded`` (svd_scale r=64,
 bf16, MixedPrecisionPolicy bf16) and reports per rank: parameter bytes held locally after init,
 the peak allocated during load + init, and the peak of 3 training steps (seq 2048, batch 1,
 gradient checkpointing) and its tokens/s per rank (median of the steps after 2 warm-ups). With
@@ -42,7 +42,7 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
     import statistics
 
     import svd_scale
-    from svd_scale import fsdp
+    from svd_scale.engines import fsdp2 as fsdp
     from svd_scale.training import compile_blocks
 
     if cuda:

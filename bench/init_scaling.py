@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import svd_scale  # noqa: E402
 from svd_scale import builtin  # noqa: E402
-from svd_scale.distributed import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
+from svd_scale.engines.zero3 import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
 
 
 def main():

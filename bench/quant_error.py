@@ -9,7 +9,7 @@ relative Frobenius error ||W - W_hat|| / ||W||, summed over all weights
 (sqrt(sum ||W - W_hat||^2) / sqrt(sum ||W||^2)), of
   * plain NF4:  W_hat = dequant(NF4(W))                              (bitsandbytes, block 64)
   * svd_scale:  W_hat = dequant(NF4(W - U S V^T)) + U S V^T           (U, V stored bf16, S fp32)
-with T rounds of QPiSSA-style refinement (svd_scale.quant.refine_factors). Writes a
+with T rounds of QPiSSA-style refinement (svd_scale.quant.nf4.refine_factors). Writes a
 Markdown table to bench/results/quant_error_<model>.md with the device, date and command.
 """
 import argparse
@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from svd_scale import builtin, svd as svdlib  # noqa: E402
-from svd_scale.inject import find_targets, to_out_in  # noqa: E402
-from svd_scale.quant import nf4_roundtrip, refine_factors  # noqa: E402
+from svd_scale.inject import find_targets
+from svd_scale.layer import to_out_in  # noqa: E402
+from svd_scale.quant.nf4 import nf4_roundtrip, refine_factors  # noqa: E402
 
 
 def main():

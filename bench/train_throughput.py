@@ -46,7 +46,7 @@ def build(layers: int):
 
 def to_nf4(model):
     from svd_scale.inject import _set_module, find_targets
-    from svd_scale.quant import linear4bit_from
+    from svd_scale.quant.nf4 import linear4bit_from
 
     for name, m in find_targets(model, PROJ):
         _set_module(model, name, linear4bit_from(m, m.weight.detach().float(), torch.bfloat16, False))

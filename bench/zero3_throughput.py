@@ -92,7 +92,7 @@ def build(row: str, path: Path, ds: dict):
     """The model of ``row``, adapted, before ``deepspeed.initialize``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from svd_scale.distributed import zero3_loading
+    from svd_scale.engines.zero3 import zero3_loading
 
     if row.startswith("peft"):
         from peft import LoraConfig, get_peft_model
@@ -110,7 +110,7 @@ def build(row: str, path: Path, ds: dict):
                                                  task_type="CAUSAL_LM"))
         return model
     import svd_scale
-    from svd_scale.distributed import ZeRO3Access
+    from svd_scale.engines.zero3 import ZeRO3Access
 
     with zero3_loading(ds, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)

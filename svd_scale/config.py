@@ -7,6 +7,7 @@ Every check runs here, before any model is loaded, so a typo costs seconds.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
@@ -18,8 +19,6 @@ import yaml
 from .svd import ALGORITHMS
 
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANT_TYPES = ("none", "nf4")
-SCALE_MODES = ("output", "none")
 ENGINES = ("auto", "single", "deepspeed", "fsdp2")
 PRECISIONS = ("fp32", "bf16")
 EVAL_SPLITS = ("test", "validation")
@@ -51,19 +50,17 @@ class AdapterConfig:
     niter: int = field(default=4, metadata={"help": "power iterations of the randomized SVD"})
     oversample: int = field(default=8, metadata={"help": "extra probe vectors of the randomized SVD"})
     factor_dtype: str = field(default="auto", metadata={"help": "storage dtype of frozen U_r/V_r: auto (= base weight dtype), float32, bfloat16, float16"})
-    quant: str = field(default="none", metadata={"help": "storage of the frozen residual: none (base dtype) or nf4 (bitsandbytes 4-bit)"})
+    quant: str = field(default="none", metadata={"help": "storage of the frozen residual: none (base dtype) or nf4 (bitsandbytes 4-bit); see svd_scale.quant"})
     double_quant: bool = field(default=False, metadata={"help": "nf4: also quantize the block scales (bitsandbytes compress_statistics)"})
     quant_iters: Optional[int] = field(default=None, metadata={"help": "nf4: T rounds of QPiSSA-style refinement (1 = decompose W once; null = 5, the measured default)"})
-    # Method-specific hyperparameters; None means the method's own default. Setting
-    # one that the chosen method does not use is an error (see methods.validate_options).
-    scale: Optional[str] = field(default=None, metadata={"help": "svd_scale: 'output' (per-output-channel scale s) or 'none'"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "lora/kasa/salora: scaling numerator (delta scaled by alpha/r)"})
-    gamma: Optional[float] = field(default=None, metadata={"help": "sorsa/kasa/salora: orthogonality regularizer weight"})
-    beta: Optional[float] = field(default=None, metadata={"help": "kasa: weight of ||delta_sigma||^2"})
-    budget: Optional[float] = field(default=None, metadata={"help": "salora: target fraction of rank components kept (0..1]"})
+    # Method options (``adapter.alpha``, ``adapter.gamma``, ...) are declared by each method's file
+    # (``AdapterLayer.options``); they are given as keyword arguments or keys and kept here.
+    # Unset means the method's own default; one the chosen method does not declare is an error.
+    options: dict = field(default_factory=dict, metadata={"help": "method options (see the adapter.<option> lines)"})
 
     def __post_init__(self) -> None:
         from .methods import validate_options
+        from .quant import storage_names
 
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"adapter.rank must be a positive integer, got {self.rank!r}")
@@ -71,29 +68,68 @@ class AdapterConfig:
         _positive("adapter.niter", self.niter, allow_zero=True)
         _positive("adapter.oversample", self.oversample, allow_zero=True)
         _choice("adapter.factor_dtype", self.factor_dtype, FACTOR_DTYPES)
-        _choice("adapter.quant", self.quant, QUANT_TYPES)
+        _choice("adapter.quant", self.quant, storage_names())
         if self.quant_iters is not None and (not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool)
                                              or self.quant_iters < 1):
             raise ValueError(f"adapter.quant_iters must be an integer >= 1, got {self.quant_iters!r}")
-        if self.quant_iters is not None and self.quant_iters > 1 and self.quant != "nf4":
-            raise ValueError(f"adapter.quant_iters={self.quant_iters} refines a 4-bit residual: set adapter.quant=nf4")
+        if self.quant_iters is not None and self.quant_iters > 1 and not self.storage().refines:
+            raise ValueError(f"adapter.quant_iters={self.quant_iters} refines a quantized residual: "
+                             f"adapter.quant={self.quant!r} is not quantized (use e.g. nf4)")
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise ValueError(f"adapter.target_modules must be 'all-linear', a regex or a non-empty list, got {self.target_modules!r}")
-        validate_options(self)
+        self.options = {k: v for k, v in dict(self.options or {}).items() if v is not None}
+        validate_options(self.method, self.options)
+
+    def __getattr__(self, name: str):
+        """``cfg.alpha`` etc.: a method option's value as set (None when unset)."""
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        from .methods import option_users
+
+        if name in option_users():
+            return self.options.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def method_options(self) -> dict:
+        """The chosen method's options with its defaults filled in."""
+        from .methods import resolve_options
+
+        return resolve_options(self.method, self.options)
+
+    def storage(self):
+        """The residual storage strategy named by ``quant`` (svd_scale.quant)."""
+        from .quant import get_storage
+
+        return get_storage(self.quant, double_quant=self.double_quant)
 
     def refine_iters(self) -> int:
-        """T for the NF4 refinement: 5 unless set (bench/results/quant_error_*.md: T=5 beats T=1
-        at every rank on real SmolLM2 and random 7B-shaped weights); 1 without NF4."""
-        if self.quant != "nf4":
+        """T for the quantized residual's refinement (the storage's default unless set); 1 unquantized."""
+        if not self.storage().refines:
             return 1
-        return 5 if self.quant_iters is None else self.quant_iters
+        return self.storage().default_refine_iters if self.quant_iters is None else self.quant_iters
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat: method options stand beside the other keys, as in a YAML config."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return copy.deepcopy({**d, **self.options})
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
         return _build(cls, d, "adapter")
+
+
+_generated_init = AdapterConfig.__init__
+
+
+def _adapter_init(self, *args, options: Optional[dict] = None, **kwargs) -> None:
+    """Accept method options as keyword arguments: ``AdapterConfig(method="lora", alpha=16)``."""
+    known = {f.name for f in fields(AdapterConfig)}
+    opts = dict(options or {})
+    opts.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
+    _generated_init(self, *args, options=opts, **kwargs)
+
+
+AdapterConfig.__init__ = _adapter_init
 
 
 @dataclass
@@ -158,7 +194,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["adapter"] = self.adapter.to_dict()
+        return d
 
 
 _SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig}
@@ -169,9 +207,17 @@ def _coerce(value: str) -> Any:
     return yaml.safe_load(value) if value != "" else ""
 
 
+def _section_keys(cls) -> set:
+    if cls is AdapterConfig:
+        from .methods import option_users
+
+        return ({f.name for f in fields(cls)} - {"options"}) | set(option_users())
+    return {f.name for f in fields(cls)}
+
+
 def _build(cls, d: dict, where: str):
     d = dict(d or {})
-    known = {f.name for f in fields(cls)}
+    known = _section_keys(cls)
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; allowed: {sorted(known)}")
@@ -188,13 +234,13 @@ def _apply_override(raw: dict, item: str) -> None:
     if len(parts) == 1:
         name = parts[0]
         top = {f.name for f in fields(RunConfig)} - set(_SECTIONS)
-        owners = [s for s, c in _SECTIONS.items() if name in {f.name for f in fields(c)}]
+        owners = [s for s, c in _SECTIONS.items() if name in _section_keys(c)]
         if name in top:
             parts = [name]
         elif len(owners) == 1:
             parts = [owners[0], name]
         elif not owners:
-            raise ValueError(f"unknown config key {name!r}; see configs/README or `launch/train.py --help-config`")
+            raise ValueError(f"unknown config key {name!r}; `python launch/train.py --help-config` lists every key")
         else:
             raise ValueError(f"ambiguous key {name!r}: use one of {[o + '.' + name for o in owners]}")
     node = raw
@@ -229,11 +275,16 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
 
 def describe() -> str:
     """Every config key with its default and help text (for ``--help-config`` and the README)."""
+    from .methods import option_help, option_users
+
     lines = []
     for section, cls in [("", RunConfig), *_SECTIONS.items()]:
         for f in fields(cls):
-            if f.name in _SECTIONS:
+            if f.name in _SECTIONS or f.name == "options":
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"{(section + '.') if section else ''}{f.name} = {json.dumps(default)}  # {f.metadata.get('help', '')}")
+        if cls is AdapterConfig:
+            users = option_users()
+            lines += [f"adapter.{n} = null  # {h} [methods: {', '.join(users[n])}]" for n, h in option_help().items()]
     return "\n".join(lines)

@@ -1,14 +1,18 @@
 """Put adapters into a model: find targets, check them, wrap them, initialize them.
 
-``apply(model, cfg)`` runs in four steps, each complete before the next starts:
+``apply(model, cfg)`` is the one pipeline that puts adapters on a model -- a fresh adapter from
+the SVD, a saved one (``load_adapter``) and the FSDP2 sharded loader all run it:
 
-1. ``find_targets`` -- module names to adapt; a name that matches nothing is an error.
-2. ``check_ranks``  -- every target's shape against the rank, *before* any SVD.
-3. ``wrap``         -- replace each target by its method's layer (structure only).
-4. ``initialize``   -- read each weight, decompose it, fill the adapter tensors and
-   overwrite the weight in place with the residual. How weights are read and written
-   (a local tensor or a ZeRO-3 shard) is the job of a
-   :class:`WeightAccess`; the math never sees sharding.
+1. ``source.plan``  -- the targets and their ranks; a name that matches nothing or a rank that does
+   not fit a layer is an error, *before* any weight is read.
+2. ``wrap``         -- replace each target by its method's layer (structure only).
+3. ``finish``       -- the access reads each weight, the source gives the adapter's values (an SVD,
+   or a file), and the residual ``W - removed`` goes to the configured storage; then model-level
+   training state, the regularizer, freezing.
+
+Two things are pluggable: the *source* of values (:class:`SVDSource`, ``io.SavedAdapter``) and the
+*access* to weights (``svd_scale.access``: whole tensors, ZeRO-3 partitions, FSDP2 DTensors), which
+is picked from the model itself unless given. The math never sees sharding or quantization.
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ import torch
 from torch import nn
 
 from . import svd as svdlib
+from .access import WeightAccess, access_for
 from .config import AdapterConfig
-from .layer import AdapterLayer, Role, TrainingState, is_conv1d, is_linear_like, logical_shape
-from .methods import get_method, resolve_options
+from .layer import AdapterLayer, Role, TrainingState, is_linear_like, logical_shape, math_dtype
+from .losses import attach_regularizer
+from .methods import get_method
+from .quant import logical_numel
 
 log = logging.getLogger("svd_scale")
 
@@ -96,14 +103,13 @@ def factor_dtype_for(cfg: AdapterConfig, base: nn.Module) -> torch.dtype:
 def wrap(model: nn.Module, targets, cfg: AdapterConfig, ranks: Optional[dict] = None) -> list[tuple[str, AdapterLayer]]:
     """Replace each target by an (uninitialized) adapter layer; return them in model order."""
     cls = get_method(cfg.method)
-    opts = {**resolve_options(cfg), "config_rank": cfg.rank}  # the configured r, before any pruning
+    opts = {**cfg.method_options(), "config_rank": cfg.rank}  # the configured r, before any pruning
     layers = []
     for name, m in targets:
         r = (ranks or {}).get(name, cfg.rank)
         dev = m.weight.device if m.weight.device.type != "meta" else None
         layer = cls(m, r, opts, factor_dtype_for(cfg, m), device=dev)
-        # how the frozen residual is stored (read by write_residual, never by forward)
-        layer.quant, layer.double_quant = cfg.quant, cfg.double_quant
+        layer.storage = cfg.storage()  # how the frozen residual is stored (used at init, never by forward)
         layer.compute_dtype = m.weight.dtype if m.weight.dtype.is_floating_point else torch.bfloat16
         _set_module(model, name, layer)
         layers.append((name, layer))
@@ -125,78 +131,15 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield n, m
 
 
-# ----------------------------------------------------------------------------- weights
-def to_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
-    """A module's weight tensor as out x in (GPT-2's Conv1D stores in x out)."""
-    return W.t() if is_conv1d(module) else W
-
-
-def from_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
-    return W.t().contiguous() if is_conv1d(module) else W
-
-
-class WeightAccess:
-    """How ``initialize`` reads full weights and writes results. This one is for
-    weights that live whole in this process; the ZeRO-3 subclass gathers and spreads
-    the work (``svd_scale/distributed.py``), and an FSDP2 one would do the same."""
-
-    def run(self, layers: list[tuple[str, AdapterLayer]], compute) -> None:
-        for i, (name, layer) in enumerate(layers):
-            with torch.no_grad():
-                W = compute_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach()))
-                tensors = compute(i, name, layer, W)
-                load_tensors(layer, tensors)
-                write_residual(layer, W)
-
-
-def compute_dtype(W: torch.Tensor) -> torch.Tensor:
-    """Init math runs in fp32 -- or float64 for a float64 model (tests' exact reference)."""
-    return W if W.dtype == torch.float64 else W.float()
-
-
-def load_tensors(layer: AdapterLayer, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy fp32 init values into the layer's parameters (casting to their storage dtype)."""
-    own = layer.tensors()
-    missing = sorted(set(own) - set(tensors))
-    if missing:
-        raise KeyError(f"{layer.method}: missing tensors {missing}")
-    for n, p in own.items():
-        t = tensors[n]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{layer.method}.{n}: expected shape {tuple(p.shape)}, got {tuple(t.shape)}")
-        p.data.copy_(t.to(device=p.device, dtype=p.dtype))
-
-
-def residual_of(layer: AdapterLayer, W: torch.Tensor) -> torch.Tensor:
-    """``W - removed`` in fp32, from the tensors as stored (so the split is exact)."""
-    W = compute_dtype(W)
-    rem = type(layer).removed(layer.fp32_tensors(W.dtype), layer.opts)
-    return W if rem is None else W - rem.to(W.device)
-
-
-def write_residual(layer: AdapterLayer, W: torch.Tensor) -> None:
-    """Store ``W - removed`` as the frozen residual: in place in the base weight (same
-    shape and dtype -- what ZeRO-3's GatheredParameters needs), or as NF4 in a
-    bitsandbytes Linear4bit that replaces the base layer (``quant: nf4``)."""
-    res = residual_of(layer, W)
-    if getattr(layer, "quant", "none") == "nf4":
-        from .quant import linear4bit_from
-
-        layer.base_layer = linear4bit_from(layer.base_layer, res, layer.compute_dtype, layer.double_quant)
-        return
-    weight = layer.base_layer.weight
-    weight.data.copy_(from_out_in(layer.base_layer, res).to(weight.dtype))
-
-
+# ----------------------------------------------------------------------------- values
 def svd_function(cfg: AdapterConfig):
+    """``fn(W, rank)`` -> the top-r SVD the config asks for (refined against the storage's rounding
+    when the residual is quantized and ``quant_iters`` > 1)."""
     def fn(W: torch.Tensor, rank: int) -> svdlib.SVD:
         return svdlib.decompose(W, rank, algorithm=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
 
-    if cfg.refine_iters() > 1:
-        from .quant import refine_factors
-
-        return lambda W, rank: refine_factors(W, rank, cfg.refine_iters(), fn, cfg.double_quant)[0]
-    return fn
+    iters, storage = cfg.refine_iters(), cfg.storage()
+    return (lambda W, rank: storage.refine(W, rank, iters, fn)) if iters > 1 else fn
 
 
 def layer_generator(seed: int, index: int, device) -> torch.Generator:
@@ -206,27 +149,31 @@ def layer_generator(seed: int, index: int, device) -> torch.Generator:
     return g
 
 
-def initialize(layers: list[tuple[str, AdapterLayer]], cfg: AdapterConfig, access: Optional[WeightAccess] = None,
-               seed: int = 0) -> None:
-    """Fill every adapter from its weight's SVD and overwrite the weight by the residual."""
-    svd_fn = svd_function(cfg)
+class SVDSource:
+    """Where a fresh adapter's values come from: each target weight's SVD (the method's ``init``).
+    The other source is a saved adapter (``svd_scale.io.SavedAdapter``); both feed one pipeline."""
 
-    def compute(i, name, layer, W):
-        t = type(layer).init(W, layer.rank, layer.opts, svd_fn, layer_generator(seed, i, W.device))
-        return {k: compute_dtype(v) for k, v in t.items()}
+    def __init__(self, cfg: AdapterConfig, seed: int = 0):
+        self.cfg, self.seed, self.svd_fn = cfg, seed, svd_function(cfg)
 
-    (access or WeightAccess()).run(layers, compute)
+    def plan(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict]:
+        """The targets and their ranks (all ``cfg.rank``), checked before any weight is read."""
+        targets = find_targets(model, self.cfg.target_modules)
+        check_ranks(targets, self.cfg.rank, get_method(self.cfg.method))
+        return targets, {}
+
+    def __call__(self, i: int, name: str, layer: AdapterLayer, W: torch.Tensor) -> dict:
+        t = type(layer).init(W, layer.rank, layer.opts, self.svd_fn, layer_generator(self.seed, i, W.device))
+        return {k: math_dtype(v) for k, v in t.items()}
 
 
 # ----------------------------------------------------------------------------- freezing, counts
-def attach_training_state(model: nn.Module, layers) -> None:
-    """A method's model-level state (SaLoRA's budget), then the regularizer module."""
-    from .losses import attach_regularizer
-
-    attach = getattr(type(layers[0][1]), "attach", None) if layers else None
-    if attach is not None:
-        attach(model, layers)
-    attach_regularizer(model, layers)
+def attach_training_state(model: nn.Module, layers) -> Optional[nn.Module]:
+    """A method's model-level state (SaLoRA's budget), then its regularizer module (if any)."""
+    if not layers:
+        return None
+    type(layers[0][1]).attach(model, layers)
+    return attach_regularizer(model, layers)
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -242,39 +189,47 @@ def mark_trainable(model: nn.Module) -> None:
                 p.requires_grad_(True)
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", 0) or p.numel())
-
-
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, counting sharded parameters at full size.
-    A 4-bit residual counts its logical elements (as PEFT and bitsandbytes report)."""
+    """(trainable, total) parameters, counting sharded parameters at full size and a 4-bit
+    residual at its logical size (as PEFT and bitsandbytes report)."""
     trainable = total = 0
     for p in model.parameters():
-        n = _numel(p)
-        if getattr(p, "quant_state", None) is not None:
-            n = int(p.quant_state.shape.numel())
+        n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
 
 
-def apply(model: nn.Module, cfg: Optional[AdapterConfig] = None, *, access: Optional[WeightAccess] = None,
-          seed: int = 0) -> nn.Module:
-    """Replace the target layers of ``model`` by ``cfg.method`` adapters, initialized from
-    each weight's SVD so that the model's output is unchanged; freeze all but the
-    adapter trainables. Modifies ``model`` in place and returns it."""
-    cfg = cfg or AdapterConfig()
-    if any(True for _ in adapter_layers(model)):
-        raise ValueError("model already has svd_scale adapters; merge_and_unload it first or load a fresh base")
-    targets = find_targets(model, cfg.target_modules)
-    check_ranks(targets, cfg.rank, get_method(cfg.method))
-    layers = wrap(model, targets, cfg)
-    initialize(layers, cfg, access=access, seed=seed)
-    attach_training_state(model, layers)
+def finish(model: nn.Module, layers: list[tuple[str, AdapterLayer]], cfg: AdapterConfig, source,
+           access: WeightAccess) -> nn.Module:
+    """Step 3 of the pipeline (module docstring), on layers already wrapped."""
+    access.run(layers, source)
+    regularizer = attach_training_state(model, layers)
+    if regularizer is not None:
+        access.wire_regularizer(model, regularizer)
     mark_trainable(model)
     model.svd_scale_config = cfg
     trainable, total = parameter_counts(model)
     log.info("svd_scale: %s r=%d on %d layers | trainable params: %s || all params: %s || trainable%%: %.4f",
              cfg.method, cfg.rank, len(layers), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def apply(model: nn.Module, cfg: Optional[AdapterConfig] = None, *, source=None,
+          access: Optional[WeightAccess] = None, seed: int = 0) -> nn.Module:
+    """Replace the target layers of ``model`` by ``cfg.method`` adapters, initialized so that the
+    model's output is unchanged (from each weight's SVD, or from ``source``); freeze all but the
+    adapter trainables. Modifies ``model`` in place and returns it.
+
+    Works as is on a model built under ``deepspeed.zero.Init`` or sharded with FSDP2's
+    ``fully_shard``: the weight access is picked from the model's parameters (``access`` overrides)."""
+    cfg = cfg or AdapterConfig()
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("model already has svd_scale adapters; merge_and_unload it first or load a fresh base")
+    source = source or SVDSource(cfg, seed)
+    access = access or access_for(model)
+    targets, ranks = source.plan(model)
+    access.check(model, cfg)
+    layers = wrap(model, targets, cfg, ranks)
+    access.adopt(model, layers)
+    return finish(model, layers, cfg, source, access)

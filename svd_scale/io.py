@@ -22,23 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .access import WeightAccess, full_value, is_main
 from .config import AdapterConfig
-from .inject import (WeightAccess, adapter_layers, attach_training_state, compute_dtype, from_out_in, mark_trainable,
-                     to_out_in, wrap)
+from .inject import _set_module, adapter_layers, apply
 from .layer import TrainingState, is_linear_like, logical_shape
+from .methods import get_method
+from .quant import storage_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
-
-
-def _full_value(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU; gathers it if it is sharded (a collective)."""
-    if hasattr(p, "ds_id") or hasattr(p, "full_tensor"):
-        from .distributed import full_value  # deepspeed/DTensor code stays in one module
-
-        return full_value(p)
-    return p.detach().cpu()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,10 +39,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Under ZeRO-3/FSDP2 every rank must call this: it gathers."""
     out = {}
     for name, layer in adapter_layers(model):
-        t = {k: _full_value(p).contiguous().clone() for k, p in layer.tensors().items()}
-        export = getattr(type(layer), "export", None)
-        if export is not None:
-            t = export(t, layer.opts)
+        t = type(layer).export({k: full_value(p).contiguous().clone() for k, p in layer.tensors().items()}, layer.opts)
         out.update({f"{name}.{k}": v.contiguous() for k, v in t.items()})
     return out
 
@@ -58,11 +48,11 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What ``--resume`` needs beyond the optimizer: every adapter tensor as training holds it
     (not pruned by an export) and the model-level ``TrainingState`` (SaLoRA's multipliers), by
     parameter name. Collective under ZeRO-3/FSDP2, like ``adapter_state_dict``."""
-    out = {f"{name}.{k}": _full_value(p).contiguous().clone()
+    out = {f"{name}.{k}": full_value(p).contiguous().clone()
            for name, layer in adapter_layers(model) for k, p in layer.tensors().items()}
     for mname, m in model.named_modules():
         if isinstance(m, TrainingState):
-            out.update({f"{mname}.{k}": _full_value(p).contiguous().clone() for k, p in m.named_parameters()})
+            out.update({f"{mname}.{k}": full_value(p).contiguous().clone() for k, p in m.named_parameters()})
     return out
 
 
@@ -88,17 +78,13 @@ def _adapter_meta(model: nn.Module, state: dict) -> dict:
     return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base}
 
 
-def _is_writer() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
     """Write the adapter of ``model`` to ``directory`` (atomically). Collective under
     ZeRO-3/FSDP2: call it on every rank; rank 0 writes. Returns the folder on the writer."""
     if not any(True for _ in adapter_layers(model)):
         raise ValueError("model has no svd_scale adapters to save")
     state = adapter_state_dict(model)
-    if not _is_writer():
+    if not is_main():
         return None
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,49 +115,56 @@ def read_adapter_config(directory: str) -> tuple[AdapterConfig, dict]:
     return AdapterConfig.from_dict(meta["adapter"]), meta
 
 
+class SavedAdapter:
+    """The value source of :func:`load_adapter` (see ``inject.apply``): the targets are the layers
+    the file names, each with its saved rank; the values are the saved tensors. Every shape is
+    checked against the base before anything changes; a mismatch names the layer."""
+
+    def __init__(self, directory: str, cfg: AdapterConfig, meta: dict):
+        self.directory, self.cfg, self.layers_meta = directory, cfg, meta["layers"]
+        self.state = load_file(str(Path(directory) / WEIGHTS_NAME))
+
+    def _check_tensors(self) -> None:
+        cls = get_method(self.cfg.method)
+        opts = {**self.cfg.method_options(), "config_rank": self.cfg.rank}
+        for name, info in self.layers_meta.items():
+            for t, shape in cls.shapes(*info["shape"], int(info["rank"]), opts).items():
+                key = f"{name}.{t}"
+                if key not in self.state or tuple(self.state[key].shape) != tuple(shape):
+                    raise ValueError(f"{self.directory}: tensor {key} missing or of the wrong shape (expected {tuple(shape)})")
+
+    def plan(self, model: nn.Module) -> tuple[list, dict]:
+        modules = dict(model.named_modules())
+        problems = []
+        for name, info in self.layers_meta.items():
+            m = modules.get(name)
+            if m is None or not is_linear_like(m):
+                problems.append(f"{name}: not a linear layer in this base model")
+            elif list(logical_shape(m)) != list(info["shape"]):
+                problems.append(f"{name}: adapter expects {info['shape'][0]}x{info['shape'][1]}, base has "
+                                f"{logical_shape(m)[0]}x{logical_shape(m)[1]}")
+        if not problems:
+            self._check_tensors()
+        if problems:
+            raise ValueError(f"adapter at {self.directory!r} does not fit {type(model).__name__}:\n  "
+                             + "\n  ".join(problems[:10])
+                             + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+        return [(n, modules[n]) for n in self.layers_meta], {n: int(i["rank"]) for n, i in self.layers_meta.items()}
+
+    def __call__(self, i: int, name: str, layer, W: torch.Tensor) -> dict:
+        return {t: self.state[f"{name}.{t}"] for t in layer.tensors()}
+
+
 def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAccess] = None) -> nn.Module:
-    """Put a saved adapter onto a fresh base model (in place). Every shape is checked
-    against the base before anything changes; a mismatch names the layer."""
+    """Put a saved adapter onto a fresh base model (in place), through the same pipeline as
+    ``apply`` with the saved tensors as the source: no SVD, exact outputs."""
     cfg, meta = read_adapter_config(directory)
-    layers_meta: dict = meta["layers"]
-    modules = dict(model.named_modules())
-    problems = []
-    for name, info in layers_meta.items():
-        m = modules.get(name)
-        if m is None or not is_linear_like(m):
-            problems.append(f"{name}: not a linear layer in this base model")
-        elif list(logical_shape(m)) != list(info["shape"]):
-            problems.append(f"{name}: adapter expects {info['shape'][0]}x{info['shape'][1]}, base has "
-                            f"{logical_shape(m)[0]}x{logical_shape(m)[1]}")
-    if problems:
-        raise ValueError(f"adapter at {directory!r} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems[:10])
-                         + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
-    targets = [(n, modules[n]) for n in layers_meta]
-    ranks = {n: int(i["rank"]) for n, i in layers_meta.items()}
-    layers = wrap(model, targets, cfg, ranks=ranks)
-    attach_training_state(model, layers)
-    for name, layer in layers:
-        for t, p in layer.tensors().items():
-            key = f"{name}.{t}"
-            if key not in state or tuple(state[key].shape) != tuple(p.shape):
-                raise ValueError(f"{directory}: tensor {key} missing or of the wrong shape (expected {tuple(p.shape)})")
-
-    def from_file(i, name, layer, W):
-        return {t: state[f"{name}.{t}"] for t in layer.tensors()}
-
-    (access or WeightAccess()).run(layers, from_file)
-    mark_trainable(model)
-    model.svd_scale_config = cfg
-    return model
+    return apply(model, cfg, source=SavedAdapter(directory, cfg, meta), access=access)
 
 
 def merged_weight(layer) -> torch.Tensor:
     """The dense out x in weight (fp32) equal to an adapter layer's map (pure given its state)."""
-    from .quant import dense_from_4bit, is_4bit
-
-    base = layer.base_layer
-    W_res = dense_from_4bit(base) if is_4bit(base) else compute_dtype(to_out_in(base, base.weight.detach()))
+    W_res = storage_of(layer.base_layer).dense(layer.base_layer)
     W = type(layer).merge(W_res, layer.fp32_tensors(W_res.dtype), layer.opts)
     if not torch.isfinite(W).all():
         raise ValueError(f"merged weight of a {layer.method} layer has non-finite values; refusing to merge")
@@ -189,17 +182,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the plain model class back (``nn.Linear``/``Conv1D`` layers, loadable by plain
     transformers after ``save_pretrained``). Idempotent: a model without adapters is
     returned unchanged."""
-    from .inject import _set_module
-
-    from .quant import is_4bit, plain_linear
-
     for name, layer in list(adapter_layers(model)):
         base = layer.base_layer
-        with torch.no_grad():
-            if is_4bit(base):  # a 4-bit residual merges into a plain layer in the compute dtype
-                base = plain_linear(base, merged_weight(layer), layer.compute_dtype)
-            else:
-                base.weight.data.copy_(from_out_in(base, merged_weight(layer)).to(base.weight.dtype))
+        with torch.no_grad():  # a quantized residual merges into a plain layer in the compute dtype
+            base = storage_of(base).plain(base, merged_weight(layer), layer.compute_dtype)
         _set_module(model, name, base)
     if hasattr(model, "svd_scale_config"):
         del model.svd_scale_config

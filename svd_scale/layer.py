@@ -25,7 +25,8 @@ parameters only. Freezing, saving and tests all derive from ``roles``.
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -55,6 +56,41 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
+def to_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """A module's weight tensor as out x in (GPT-2's Conv1D stores in x out)."""
+    return W.t() if is_conv1d(module) else W
+
+
+def from_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_out_in`: an out x in tensor in the module's own layout."""
+    return W.t().contiguous() if is_conv1d(module) else W
+
+
+def math_dtype(W: torch.Tensor) -> torch.Tensor:
+    """Init and merge math runs in fp32 -- or float64 for a float64 model (the tests' exact reference)."""
+    return W if W.dtype == torch.float64 else W.float()
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option, declared in the method's own file and set as ``adapter.<name>`` in a config.
+
+    ``check(value)`` returns an error message (or None); ``None`` as a default means the method
+    derives the value (e.g. LoRA's alpha = 2r)."""
+
+    default: Any
+    help: str
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+
+def non_negative(v) -> Optional[str]:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else "must be a number >= 0"
+
+
+def one_of(*allowed) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v in allowed else f"must be one of {list(allowed)}"
+
+
 class TrainingState(nn.Module):
     """Model-level state a method trains but never saves in the adapter (e.g. SaLoRA's
     Lagrange multipliers). Its parameters are trainable; merge removes it."""
@@ -66,8 +102,8 @@ class AdapterLayer(nn.Module):
 
     method: ClassVar[str]
     roles: ClassVar[dict[str, Role]]
-    #: option name -> default; the AdapterConfig fields this method reads.
-    options: ClassVar[dict[str, Any]] = {}
+    #: option name -> :class:`Option`; set as ``adapter.<name>`` in a config (validated against the method).
+    options: ClassVar[dict[str, Option]] = {}
     #: what the init needs: "top" (top-r SVD), "bottom" (full SVD, smallest r) or "none".
     needs_svd: ClassVar[str] = "top"
 
@@ -106,13 +142,43 @@ class AdapterLayer(nn.Module):
         """The single dense weight (out x in, fp32) equal to this layer's map, minus the bias."""
         raise NotImplementedError
 
+    @classmethod
+    def residual(cls, W: torch.Tensor, t: dict[str, torch.Tensor], opts: dict) -> torch.Tensor:
+        """The frozen residual ``W - removed(t)`` in ``W``'s math dtype -- the one place it is formed
+        (init, loading a saved adapter, every engine), from the tensors *as stored*, so that the
+        stored residual plus the stored adapter reproduces ``W`` as closely as storage allows."""
+        W = math_dtype(W)
+        rem = cls.removed({k: v.to(device=W.device, dtype=W.dtype) for k, v in t.items()}, opts)
+        return W if rem is None else W - rem
+
+    # ----- optional hooks: defaults that a method overrides ----------------------
+    @classmethod
+    def check_options(cls, opts: dict) -> None:
+        """Cross-option checks beyond each :class:`Option`'s own (raise ValueError)."""
+
     def regularizer(self) -> Optional[torch.Tensor]:
         """This layer's term of the method's extra loss (None: no extra loss)."""
         return None
 
-    # Optional class-level hooks (see salora.py): ``attach(model, layers)`` adds model-level
-    # TrainingState after init; ``model_regularizer(model, layers)`` returns a loss term over
-    # all layers; ``export(t, opts)`` maps a layer's tensors to what the adapter file keeps.
+    @classmethod
+    def attach(cls, model: nn.Module, layers: list) -> None:
+        """Add model-level :class:`TrainingState` after init (SaLoRA's budget multipliers)."""
+
+    @classmethod
+    def model_regularizer(cls, model: nn.Module, layers: list) -> Optional[torch.Tensor]:
+        """A loss term over all layers at once (SaLoRA's rank budget); None: none."""
+        return None
+
+    @classmethod
+    def export(cls, t: dict[str, torch.Tensor], opts: dict) -> dict[str, torch.Tensor]:
+        """Map a layer's tensors to what the adapter file keeps (SaLoRA prunes closed gates)."""
+        return t
+
+    @classmethod
+    def has_regularizer(cls) -> bool:
+        """Whether the method adds an extra loss (it overrides either regularizer hook)."""
+        return (cls.regularizer is not AdapterLayer.regularizer
+                or cls.model_regularizer.__func__ is not AdapterLayer.model_regularizer.__func__)
 
     # ----- shared machinery -------------------------------------------------------
     def tensors(self, roles: tuple = (Role.TRAINABLE, Role.FACTOR, Role.INIT)) -> dict[str, nn.Parameter]:

@@ -1,17 +1,17 @@
 """The one mechanism by which a method's extra loss enters training.
 
 ``regularization_loss(model)`` averages every adapter layer's ``regularizer()`` over
-the layers that have one (METHODS.md: SORSA's term is averaged over layers) and adds
-the method's model-level term if any (SaLoRA's rank budget). The Trainer in
-``svd_scale.training`` adds it to the task loss; a user's own loop does
+the layers that have one (SORSA's term is averaged over layers) and adds the method's
+model-level term if any (SaLoRA's rank budget). The Trainer in ``svd_scale.training``
+adds it to the task loss; a user's own loop does
 ``loss = task_loss + svd_scale.regularization_loss(model)``.
 
 Why a module: under ZeRO-3 a parameter is only whole inside the forward of a module
 that owns it, and the regularizer reads the adapters' parameters *after* their layers
 ran. So the sum is the forward of :class:`Regularizer`, a small module attached to the
-model, and under ZeRO-3 every parameter it reads is registered as one of its
-"external parameters" (``deepspeed.zero.register_external_parameter``): DeepSpeed then
-gathers them for this forward and routes their gradients correctly in backward.
+model; the weight access that built the adapters wires it to the sharding
+(``WeightAccess.wire_regularizer``: ZeRO-3 registers its inputs as external parameters,
+FSDP2 gathers them around its forward).
 """
 from __future__ import annotations
 
@@ -41,27 +41,18 @@ class Regularizer(TrainingState):
         layers = self._layers
         terms = [t for _, layer in layers if (t := layer.regularizer()) is not None]
         total = torch.stack([t.float() for t in terms]).sum() / len(terms) if terms else None
-        model_term = getattr(type(layers[0][1]), "model_regularizer", None) if layers else None
-        extra = model_term(self._model, layers) if model_term is not None else None
+        extra = type(layers[0][1]).model_regularizer(self._model, layers) if layers else None
         if extra is not None:
             total = extra if total is None else total + extra
         return total
 
 
-def has_regularizer(layer_cls) -> bool:
-    from .layer import AdapterLayer
-
-    return layer_cls.regularizer is not AdapterLayer.regularizer or hasattr(layer_cls, "model_regularizer")
-
-
-def attach_regularizer(model: nn.Module, layers: list) -> None:
+def attach_regularizer(model: nn.Module, layers: list) -> Optional[Regularizer]:
     """Attach a Regularizer if the method has an extra loss (after all training state exists)."""
-    if not layers or not has_regularizer(type(layers[0][1])):
-        return
+    if not layers or not type(layers[0][1]).has_regularizer():
+        return None
     model.svd_scale_regularizer = Regularizer(model, layers)
-    from .distributed import register_external
-
-    register_external(model.svd_scale_regularizer, model.svd_scale_regularizer.read_parameters())
+    return model.svd_scale_regularizer
 
 
 def regularization_loss(model: nn.Module) -> Optional[torch.Tensor]:

@@ -29,7 +29,7 @@ def test_overrides_dotted_and_short(monkeypatch):
     ("train.precision=fp8", "train.precision must be one of"),
     ("train.lr=-1", "train.lr must be a positive number"),
     ("adapter.gamma=0.1", r"adapter.gamma is not used by method 'svd_scale'"),
-    ("adapter.scale=rows", "adapter.scale must be 'output' or 'none'"),
+    ("adapter.scale=rows", r"adapter.scale must be one of \['output', 'none'\]"),
     ("train.deepspeed=missing.json", "train.deepspeed: no such file 'missing.json'"),
     ("rank", "is not key=value"),
 ])
@@ -45,10 +45,29 @@ def test_missing_config_file():
 
 
 def test_describe_lists_every_field():
+    from svd_scale.methods import METHODS
+
     text = describe()
     for cls, prefix in ((AdapterConfig, "adapter."), (TrainConfig, "train.")):
         for name in cls.__dataclass_fields__:
-            assert f"{prefix}{name} = " in text
+            if name != "options":  # the method options are listed one by one, below
+                assert f"{prefix}{name} = " in text
+    for cls in METHODS.values():  # every option a method declares in its own file
+        for name in cls.options:
+            assert f"adapter.{name} = " in text and cls.method in text.split(f"adapter.{name} = ")[1].split("\n")[0]
+
+
+def test_method_options_are_declared_by_the_method_and_kept_flat():
+    cfg = AdapterConfig(method="lora", alpha=16)
+    assert cfg.alpha == 16 and cfg.options == {"alpha": 16} and cfg.gamma is None
+    assert cfg.to_dict()["alpha"] == 16 and "options" not in cfg.to_dict()
+    assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.method_options() == {"alpha": 16}
+    assert AdapterConfig(method="kasa").method_options() == {"alpha": None, "beta": 1e-4, "gamma": 1e-3}
+    with pytest.raises(ValueError, match=r"adapter.budget must be in \(0, 1\] for salora, got 2"):
+        AdapterConfig(method="salora", budget=2)
+    with pytest.raises(ValueError, match=r"unknown adapter option 'nope'"):
+        AdapterConfig(nope=1)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -65,6 +65,19 @@ def single(model_dir, tmp_path_factory):
                                   f"train.output_dir={out}"))), out
 
 
+def test_a_users_own_fully_shard_script_gets_single_process_factors_and_steps(job):
+    """The plugin use: the user shards the model with ``fully_shard`` and calls
+    ``svd_scale.apply(model, cfg)`` with no access argument. Factors equal a single-process init;
+    their own AdamW loop (each rank its part of the batch) equals one process on the whole batch --
+    which fails if the adapter's gradients were not averaged over ranks."""
+    for f in job:
+        u = f["user"]
+        assert u["base_sharded"] and u["factor_err"] < 1e-6
+        torch.testing.assert_close(torch.tensor(u["losses"]), torch.tensor(u["ref_losses"]), rtol=1e-5, atol=0)
+        assert u["moved"] > 1e-3 and u["trained_err"] < 1e-5
+        assert "quantized residual must exist before sharding" in u["nf4_refused"]
+
+
 def test_base_is_sharded_from_load_on(job):
     world = job[0]["world"]
     for f in job:

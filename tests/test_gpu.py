@@ -40,7 +40,7 @@ def test_nf4_model_on_cuda_equals_base_and_trains():
 
     import svd_scale
     from svd_scale.inject import _set_module, find_targets
-    from svd_scale.quant import linear4bit_from
+    from svd_scale.quant.nf4 import linear4bit_from
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

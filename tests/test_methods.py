@@ -183,7 +183,7 @@ def test_bad_rank_for_each_method(method):
 def test_every_method_with_an_nf4_residual(method, tokens):
     """Quantization is the residual's storage, independent of the method: every method
     trains over a 4-bit residual and merges back to a plain model with the same outputs."""
-    from svd_scale.quant import is_4bit
+    from svd_scale.quant.nf4 import is_4bit
     model = svd_scale.apply(tiny_llama(), _cfg(method, quant="nf4"))
     assert all(is_4bit(l.base_layer) for _, l in svd_scale.adapter_layers(model))
     model.train()

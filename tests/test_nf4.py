@@ -5,7 +5,7 @@ import torch
 import svd_scale
 from svd_scale import AdapterConfig
 from svd_scale.inject import find_targets
-from svd_scale.quant import is_4bit, linear4bit_from, nf4_roundtrip, refine_factors
+from svd_scale.quant.nf4 import is_4bit, linear4bit_from, nf4_roundtrip, refine_factors
 from svd_scale import svd as svdlib
 from conftest import tiny_gpt2, tiny_llama
 
@@ -99,5 +99,5 @@ def test_nf4_save_load_round_trip_requantizes_identically(tokens, tmp_path):
 
 
 def test_quant_iters_needs_nf4():
-    with pytest.raises(ValueError, match="set adapter.quant=nf4"):
+    with pytest.raises(ValueError, match=r"refines a quantized residual: adapter.quant=.none. is not quantized"):
         AdapterConfig(quant_iters=3)

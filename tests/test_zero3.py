@@ -91,6 +91,38 @@ def test_every_rank_holds_identical_factors_equal_to_a_single_process_init(job, 
         torch.testing.assert_close(states[0][k], v, atol=1e-6, rtol=1e-6)
 
 
+def test_a_users_own_deepspeed_script_gets_single_process_factors_and_steps(job, model_dir):
+    """The plugin use: the user's script builds the model under zero.Init (HfDeepSpeedConfig +
+    from_pretrained) and calls ``svd_scale.apply(model, cfg)`` with no access argument. Its factors
+    equal a single-process init, and its own DeepSpeed AdamW loop (one sequence per rank) equals
+    one process stepping on the mean loss over those sequences."""
+    from transformers import AutoModelForCausalLM
+    from svd_scale.io import adapter_state_dict
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import METHOD_BATCH, USER_STEPS
+
+    world, out = job
+    facts = [json.loads((out / f"user_rank{r}.json").read_text()) for r in range(world)]
+    assert all(f["partitioned_before_apply"] for f in facts)
+    ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                          svd_scale.AdapterConfig(rank=8, svd="full"))
+    for r in range(world):
+        got = load_file(str(out / f"user_init_rank{r}.safetensors"))
+        for k, v in adapter_state_dict(ref).items():
+            torch.testing.assert_close(got["init." + k], v, atol=1e-6, rtol=1e-6)
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for step in range(USER_STEPS):
+        losses = [ref(input_ids=METHOD_BATCH[r:r + 1], labels=METHOD_BATCH[r:r + 1]).loss for r in range(world)]
+        for r in range(world):
+            assert facts[r]["losses"][step] == pytest.approx(float(losses[r].detach()), rel=1e-4)
+        torch.stack(losses).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = load_file(str(out / "user_adapter" / "adapter.safetensors"))
+    for k, v in adapter_state_dict(ref).items():
+        torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-4)
+
+
 def test_outputs_equal_the_base_model_after_sharded_init(job):
     world, out = job
     for f in _facts(out, world):

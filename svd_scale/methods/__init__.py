@@ -16,10 +16,10 @@ from .svd_scale import SVDScaleLayer
 from .svfit import SVFitLayer
 
 METHODS: dict[str, type[AdapterLayer]] = {}
-OPTION_FIELDS = ("scale", "alpha", "gamma", "beta", "budget")
 
 
 def register_method(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+    """Make ``cls`` available as ``adapter.method: <cls.method>``, with its declared options."""
     METHODS[cls.method] = cls
     return cls
 
@@ -35,18 +35,40 @@ def get_method(name: str) -> type[AdapterLayer]:
         raise ValueError(f"unknown adapter method {name!r}; available: {sorted(METHODS)}") from None
 
 
-def resolve_options(cfg) -> dict:
-    """The method's options with the config's non-None values filled in."""
-    cls = get_method(cfg.method)
-    return {k: (getattr(cfg, k) if getattr(cfg, k) is not None else d) for k, d in cls.options.items()}
+def option_users() -> dict[str, list[str]]:
+    """Every method option name -> the methods that declare it."""
+    users: dict[str, list[str]] = {}
+    for m, cls in sorted(METHODS.items()):
+        for name in cls.options:
+            users.setdefault(name, []).append(m)
+    return users
 
 
-def validate_options(cfg) -> None:
-    cls = get_method(cfg.method)
-    for name in OPTION_FIELDS:
-        if getattr(cfg, name) is not None and name not in cls.options:
-            users = sorted(m for m, c in METHODS.items() if name in c.options)
-            raise ValueError(f"adapter.{name} is not used by method {cfg.method!r} (used by: {users})")
-    check = getattr(cls, "check_options", None)
-    if check is not None:
-        check(resolve_options(cfg))
+def option_help() -> dict[str, str]:
+    """Every method option name -> its help text (first declaration wins)."""
+    out: dict[str, str] = {}
+    for _, cls in sorted(METHODS.items()):
+        for name, opt in cls.options.items():
+            out.setdefault(name, opt.help)
+    return out
+
+
+def resolve_options(method: str, options: dict) -> dict:
+    """The method's options: its declared defaults, overridden by the non-None values given."""
+    cls = get_method(method)
+    return {k: (options[k] if options.get(k) is not None else o.default) for k, o in cls.options.items()}
+
+
+def validate_options(method: str, options: dict) -> None:
+    """Reject an option the method does not declare (naming the methods that do) or a bad value."""
+    cls = get_method(method)
+    users = option_users()
+    for name, value in options.items():
+        if name not in cls.options:
+            if name in users:
+                raise ValueError(f"adapter.{name} is not used by method {method!r} (used by: {users[name]})")
+            raise ValueError(f"unknown adapter option {name!r}; options of {method!r}: {sorted(cls.options)}")
+        problem = cls.options[name].check(value) if cls.options[name].check and value is not None else None
+        if problem:
+            raise ValueError(f"adapter.{name} {problem} for {method}, got {value!r}")
+    cls.check_options(resolve_options(method, options))

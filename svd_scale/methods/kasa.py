@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import svd as svdlib
-from ..layer import AdapterLayer, Role
-from .lora import kaiming_uniform, resolved_alpha
+from ..layer import AdapterLayer, Option, Role, non_negative
+from .lora import ALPHA, kaiming_uniform, resolved_alpha
 from .orthogonality import gram_deviation
 
 
@@ -29,14 +29,10 @@ class KaSALayer(AdapterLayer):
     method = "kasa"
     roles = {"A": Role.TRAINABLE, "delta_sigma": Role.TRAINABLE, "B": Role.TRAINABLE,
              "U_min": Role.INIT, "S_min": Role.INIT, "V_min": Role.INIT}
-    options = {"alpha": None, "beta": 1e-4, "gamma": 1e-3}
+    options = {"alpha": ALPHA,
+               "beta": Option(1e-4, "kasa: weight of ||delta_sigma||^2 (Sec. 3.3)", non_negative),
+               "gamma": Option(1e-3, "kasa: weight of the orthogonality terms (Sec. 3.3)", non_negative)}
     needs_svd = "bottom"
-
-    @staticmethod
-    def check_options(opts):
-        for k in ("beta", "gamma"):
-            if not opts[k] >= 0:
-                raise ValueError(f"adapter.{k} must be >= 0 for kasa, got {opts[k]!r}")
 
     @staticmethod
     def shapes(out_f, in_f, rank, opts):

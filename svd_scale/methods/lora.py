@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..layer import AdapterLayer, Role
+from ..layer import AdapterLayer, Option, Role
 
 
 def kaiming_uniform(shape: tuple, generator: torch.Generator, device) -> torch.Tensor:
@@ -22,6 +22,14 @@ def kaiming_uniform(shape: tuple, generator: torch.Generator, device) -> torch.T
     return t
 
 
+def positive_or_none(v):
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+    return None if ok else "must be a positive number (or null for the default 2r)"
+
+
+ALPHA = Option(None, "lora/kasa/salora: scaling numerator, the delta is scaled by alpha/r (null: 2r)", positive_or_none)
+
+
 def resolved_alpha(opts: dict, rank: int) -> float:
     return float(opts["alpha"]) if opts.get("alpha") is not None else 2.0 * rank
 
@@ -29,7 +37,7 @@ def resolved_alpha(opts: dict, rank: int) -> float:
 class LoRALayer(AdapterLayer):
     method = "lora"
     roles = {"A": Role.TRAINABLE, "B": Role.TRAINABLE}
-    options = {"alpha": None}  # None: 2 * rank
+    options = {"alpha": ALPHA}
     needs_svd = "none"
 
     @staticmethod

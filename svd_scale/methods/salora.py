@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import AdapterLayer, Role, TrainingState
-from .lora import kaiming_uniform, resolved_alpha
+from ..layer import AdapterLayer, Option, Role, TrainingState, non_negative
+from .lora import ALPHA, kaiming_uniform, resolved_alpha
 from .orthogonality import gram_deviation
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -92,15 +92,12 @@ class SaLoRABudget(TrainingState):
 class SaLoRALayer(AdapterLayer):
     method = "salora"
     roles = {"A": Role.TRAINABLE, "B": Role.TRAINABLE, "log_alpha": Role.TRAINABLE}
-    options = {"alpha": None, "gamma": 1e-3, "budget": 0.5}
+    options = {"alpha": ALPHA,
+               "gamma": Option(1e-3, "salora: weight of the orthogonality terms", non_negative),
+               "budget": Option(0.5, "salora: target fraction of rank components kept, in (0, 1] (Sec. 3.3)",
+                                lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                                else "must be in (0, 1]")}
     needs_svd = "none"
-
-    @staticmethod
-    def check_options(opts):
-        if not 0 < opts["budget"] <= 1:
-            raise ValueError(f"adapter.budget must be in (0, 1] for salora, got {opts['budget']!r}")
-        if not opts["gamma"] >= 0:
-            raise ValueError(f"adapter.gamma must be >= 0 for salora, got {opts['gamma']!r}")
 
     @staticmethod
     def shapes(out_f, in_f, rank, opts):
@@ -120,8 +117,8 @@ class SaLoRALayer(AdapterLayer):
     def merge(W_res, t, opts):
         return W_res + _scaling(opts) * ((t["B"] * eval_gates(t["log_alpha"])) @ t["A"])
 
-    @staticmethod
-    def export(t: dict, opts: dict) -> dict:
+    @classmethod
+    def export(cls, t: dict, opts: dict) -> dict:
         """Drop the components whose eval gate is 0 (pure; the output does not change:
         the scaling alpha/r uses the configured r, ``opts["config_rank"]``, not the survivors)."""
         keep = eval_gates(t["log_alpha"]) > 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layer import AdapterLayer, Role
+from ..layer import AdapterLayer, Option, Role, non_negative
 from .orthogonality import gram_deviation
 
 
@@ -26,13 +26,8 @@ class SORSALayer(AdapterLayer):
     method = "sorsa"
     roles = {"U_p": Role.TRAINABLE, "S_p": Role.TRAINABLE, "V_p": Role.TRAINABLE,
              "U0": Role.INIT, "S0": Role.INIT, "V0": Role.INIT}
-    options = {"gamma": 4e-4}
+    options = {"gamma": Option(4e-4, "sorsa: weight of the orthonormality regularizer (Sec. 3.2)", non_negative)}
     needs_svd = "top"
-
-    @staticmethod
-    def check_options(opts):
-        if not opts["gamma"] >= 0:
-            raise ValueError(f"adapter.gamma must be >= 0 for sorsa, got {opts['gamma']!r}")
 
     @staticmethod
     def shapes(out_f, in_f, rank, opts):

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..layer import AdapterLayer, Role
+from ..layer import AdapterLayer, Option, Role, one_of
 
 
 def plain_forward(h, x, Vh, U, sigma, scale=None, bias=None):
@@ -99,7 +99,8 @@ def fused_forward(h, x, Vh, U, sigma, scale: Optional[torch.Tensor] = None, bias
 class SVDScaleLayer(AdapterLayer):
     method = "svd_scale"
     roles = {"sigma": Role.TRAINABLE, "scale": Role.TRAINABLE, "U": Role.FACTOR, "Vh": Role.FACTOR, "sigma0": Role.INIT}
-    options = {"scale": "output"}
+    options = {"scale": Option("output", "svd_scale: 'output' (a per-output-channel scale s, init 1) or 'none'",
+                               one_of("output", "none"))}
     needs_svd = "top"
     #: use the ScaledLowRank autograd function instead of plain ops (see its docstring)
     fused: bool = False
@@ -108,11 +109,6 @@ class SVDScaleLayer(AdapterLayer):
         if opts["scale"] == "none":  # declared roles follow the option: no unused parameter
             self.roles = {k: v for k, v in self.roles.items() if k != "scale"}
         super().__init__(base_layer, rank, opts, factor_dtype, device)
-
-    @staticmethod
-    def check_options(opts: dict) -> None:
-        if opts["scale"] not in ("output", "none"):
-            raise ValueError(f"adapter.scale must be 'output' or 'none' for svd_scale, got {opts['scale']!r}")
 
     @staticmethod
     def shapes(out_f, in_f, rank, opts):

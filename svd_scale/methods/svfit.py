@@ -22,10 +22,6 @@ class SVFitLayer(SVDScaleLayer):
         super().__init__(base_layer, rank, {**opts, "scale": "none"}, factor_dtype, device)
 
     @staticmethod
-    def check_options(opts: dict) -> None:
-        pass
-
-    @staticmethod
     def shapes(out_f, in_f, rank, opts):
         return SVDScaleLayer.shapes(out_f, in_f, rank, {**opts, "scale": "none"})
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import svd_scale  # noqa: E402
-from svd_scale import fsdp  # noqa: E402
+from svd_scale.engines import fsdp2 as fsdp  # noqa: E402
 from svd_scale.io import adapter_state_dict, save_adapter  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 6, 12, 5
@@ -74,22 +74,10 @@ def local_numel(model) -> tuple[int, int]:
     return loc, tot
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--resume-from", default=None, help="another world size's launch-path run dir to resume")
-    a = ap.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(a.out)
-    facts = {"world": world}
-    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    vocab = base.config.vocab_size
-    data = batches(vocab)
+def method_checks(a, facts: dict, data: list, base_logits, rank: int, world: int, out: Path) -> None:
+    """Every method through fsdp.load_sharded against plain svd_scale on the same weights."""
     x0 = data[0]
-    with torch.no_grad():
-        base_logits = base(input_ids=x0).logits
+    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     for method in METHODS:
         cfg = svd_scale.AdapterConfig(method=method, rank=4, svd="full", **OPTS.get(method, {}))
         ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
@@ -116,7 +104,10 @@ def main():
         f["export_err"] = max((saved[k] - v).abs().max().item() for k, v in want.items())
         f["export_dtypes"] = sorted({str(saved[k].dtype) for k in saved if k.endswith(("sigma", "scale"))})
         f["export_keys_equal"] = sorted(saved) == sorted(want)
-    # bf16 mixed precision: trainables and optimizer state stay fp32 in the shards
+
+
+def bf16_checks(a, facts: dict, data: list, rank: int, world: int) -> None:
+    """bf16 mixed precision: trainables and optimizer state stay fp32 in the shards."""
     cfg = svd_scale.AdapterConfig(rank=4, svd="full")
     model = fsdp.load_sharded(a.model, cfg, dtype=torch.bfloat16, mp=fsdp.mixed_precision("bf16"))
     losses, opt = train(model, data, LR["svd_scale"], rank, world)
@@ -126,8 +117,12 @@ def main():
         "frozen": sorted({str(p.to_local().dtype) for p in model.parameters() if not p.requires_grad}),
         "optimizer": sorted({str(v.dtype) for s in opt.state.values() for k, v in s.items() if k != "step"}),
     }
-    # NF4 residual (and with double quantization): codes and block scales sharded, equal to one
-    # process's bitsandbytes Linear4bit model
+
+
+def nf4_checks(a, facts: dict, data: list, base_logits, rank: int, world: int) -> None:
+    """NF4 residual (and with double quantization): codes and block scales sharded, equal to one
+    process's bitsandbytes Linear4bit model."""
+    x0 = data[0]
     for key, dq in (("nf4", False), ("nf4_dq", True)):
         cfg = svd_scale.AdapterConfig(rank=4, svd="full", quant="nf4", quant_iters=1, double_quant=dq)  # T=1: test_zero3's note
         ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
@@ -145,13 +140,40 @@ def main():
                       "logits_vs_base": (got_logits - base_logits).abs().max().item(),
                       "losses": losses, "ref_losses": ref_losses,
                       "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
-    # bad input is refused before any weight is read
+
+
+def user_script(a, facts: dict, data: list, rank: int, world: int) -> None:
+    """What a plugin user writes: their own ``fully_shard`` of every decoder layer and the root,
+    then the public ``svd_scale.apply(model, cfg)`` with no access argument, then their own loop."""
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = svd_scale.AdapterConfig(rank=4, svd="full")
+    ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    svd_scale.apply(model, cfg)
+    got, want = adapter_state_dict(model), adapter_state_dict(ref)
+    f = facts["user"] = {"factor_err": max((got[k] - v).abs().max().item() for k, v in want.items())}
+    f["base_sharded"] = all(hasattr(layer.base_layer.weight, "to_local") for _, layer in svd_scale.adapter_layers(model))
+    f["ref_losses"], _ = train(ref, data, LR["svd_scale"])
+    f["losses"], _ = train(model, data, LR["svd_scale"], rank, world)
+    after, ref_after = adapter_state_dict(model), adapter_state_dict(ref)
+    f["trained_err"] = max((after[k] - v).abs().max().item() for k, v in ref_after.items())
+    f["moved"] = max((ref_after[k] - want[k]).abs().max().item() for k in want)
     try:
-        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(rank=100_000))
-        facts["bad_rank_refused"] = ""
+        sharded = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        fully_shard(sharded)
+        svd_scale.apply(sharded, svd_scale.AdapterConfig(rank=4, quant="nf4"))
+        f["nf4_refused"] = ""
     except ValueError as e:
-        facts["bad_rank_refused"] = str(e)
-    # the launch path: svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export)
+        f["nf4_refused"] = str(e)
+
+
+def launch_path_checks(a, facts: dict, rank: int, world: int, out: Path) -> None:
+    """svd_scale.training.run with engine fsdp2 (Trainer, data sharding, eval, export), --resume, and
+    train.compile."""
     from svd_scale.config import load_config
     from svd_scale.training import run
 
@@ -160,8 +182,8 @@ def main():
     run(load_config(None, (*launch, f"train.output_dir={out / 'train'}")))
     # --resume: a copy of that run stopped after step 5 (its later checkpoint dropped) continues
     # from checkpoint-5: adapter, sharded AdamW state (DCP), scheduler and RNG restored
+    drop = {"checkpoint-10", "adapter", "metrics.json", "run_config.json"}  # what steps 6-10 wrote
     if rank == 0:
-        drop = {"checkpoint-10", "adapter", "metrics.json", "run_config.json"}  # what steps 6-10 wrote
         shutil.copytree(out / "train", out / "resume", ignore=lambda d, names: drop & set(names) if d == str(out / "train") else ())
     dist.barrier()
     run(load_config(None, (*launch, f"train.output_dir={out / 'resume'}")), resume=True)
@@ -176,6 +198,32 @@ def main():
     run(load_config(None, (*launch, "train.compile=true", f"train.output_dir={out / 'compiled'}")), keep=kept)
     facts["compiled_blocks"] = all(getattr(b, "_compiled_call_impl", None) is not None
                                    for b in svd_scale.inject.decoder_layers(kept["model"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume-from", default=None, help="another world size's launch-path run dir to resume")
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(a.out)
+    facts = {"world": world}
+    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    data = batches(base.config.vocab_size)
+    with torch.no_grad():
+        base_logits = base(input_ids=data[0]).logits
+    method_checks(a, facts, data, base_logits, rank, world, out)
+    bf16_checks(a, facts, data, rank, world)
+    nf4_checks(a, facts, data, base_logits, rank, world)
+    user_script(a, facts, data, rank, world)
+    try:  # bad input is refused before any weight is read
+        fsdp.load_sharded(a.model, svd_scale.AdapterConfig(rank=100_000))
+        facts["bad_rank_refused"] = ""
+    except ValueError as e:
+        facts["bad_rank_refused"] = str(e)
+    launch_path_checks(a, facts, rank, world, out)
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
     dist.barrier()
     dist.destroy_process_group()

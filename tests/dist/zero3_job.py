@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import svd_scale  # noqa: E402
 from svd_scale.config import load_config  # noqa: E402
-from svd_scale.distributed import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
+from svd_scale.engines.zero3 import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
 from svd_scale.io import adapter_state_dict  # noqa: E402
 from svd_scale.training import run  # noqa: E402
 
@@ -67,7 +67,8 @@ def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     for method in sorted(METHODS):
         with zero3_loading(DS, torch.float32):
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        svd_scale.apply(model, svd_scale.AdapterConfig(method=method, rank=4, svd="full"), access=ZeRO3Access())
+        # the public call with no access argument: apply recognises the ZeRO-3 partitions itself
+        svd_scale.apply(model, svd_scale.AdapterConfig(method=method, rank=4, svd="full"))
         init = adapter_state_dict(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=DS)
@@ -87,14 +88,13 @@ def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
 
 def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     """NF4 residual under ZeRO-3: partitioned 4-bit codes, identical quant_state, one step."""
-    from svd_scale.quant import is_4bit
+    from svd_scale.quant.nf4 import is_4bit
 
     with zero3_loading(DS, torch.float32):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # T=1: the pytest side compares with one process, and refinement re-quantizes T times, which
     # amplifies LAPACK's thread-count rounding (the job runs 1 thread) into flipped 4-bit codes
-    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1),
-                    access=ZeRO3Access(ds_config=DS))
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1))
     layers = list(svd_scale.adapter_layers(model))
     states = {}
     local4 = total4 = 0
@@ -122,6 +122,36 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     dtypes = sorted({str(l.base_layer.weight.dtype) for _, l in layers})
     (out / f"nf4_rank{rank}.json").write_text(json.dumps({"local4": local4, "total4": total4, "loss": float(loss),
                                                           "weight_dtypes": dtypes}))
+    engine.destroy()
+
+
+USER_STEPS = 3
+
+
+def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
+    """What a plugin user writes around svd_scale: transformers' non-Trainer DeepSpeed integration
+    (an ``HfDeepSpeedConfig`` kept alive, so ``from_pretrained`` builds the model under
+    ``zero.Init``), the public ``svd_scale.apply(model, cfg)`` with no access argument, their own
+    ``deepspeed.initialize`` loop, then ``save_adapter``. Each rank trains on its own sequence."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(DS)  # noqa: F841  (transformers holds a weak reference)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
+    init = adapter_state_dict(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=DS)
+    x = METHOD_BATCH[rank:rank + 1]
+    losses = []
+    for _ in range(USER_STEPS):
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    svd_scale.save_adapter(model, str(out / "user_adapter"))  # collective; rank 0 writes
+    save_file({"init." + k: v for k, v in init.items()}, str(out / f"user_init_rank{rank}.safetensors"))
+    (out / f"user_rank{rank}.json").write_text(json.dumps({"partitioned_before_apply": partitioned, "losses": losses}))
     engine.destroy()
 
 
@@ -166,6 +196,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     init_checks(a.model, out, rank, world)
+    user_script(a.model, out, rank, world)
     if a.methods:
         method_checks(a.model, out, rank, world)
     if a.nf4:

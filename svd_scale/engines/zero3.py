@@ -1,4 +1,4 @@
-"""Everything that knows about sharding lives here (DeepSpeed ZeRO-3 today).
+"""The DeepSpeed ZeRO-3 engine: everything that knows about ZeRO-3 partitions lives here.
 
 How a ZeRO-3 init works (``ZeRO3Access.run``), for a model built under ``zero.Init``
 so that every rank holds only its shard of each weight:
@@ -22,57 +22,86 @@ adapter tensors (``r * (out + in)`` per layer, ~1.5% of a 7B model at r=64) stay
 on every rank until ``deepspeed.initialize`` partitions them.
 
 Reading values for export (``full_value``) is a collective: every rank must call it.
+
+:class:`ZeRO3Access` is registered with ``svd_scale.access``, so ``svd_scale.apply(model, cfg)``
+on a model built under ``zero.Init`` (the user's own DeepSpeed script, HF ``Trainer(deepspeed=...)``,
+accelerate) takes this path by itself. :class:`ZeRO3Engine` is what ``launch/train.py`` runs with
+``train.deepspeed``: sharded loading, the DeepSpeed config, resuming under another world size.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .inject import WeightAccess, compute_dtype, load_tensors, to_out_in, write_residual
+from ..access import WeightAccess, load_tensors, register_access, stored_residual, world
+from ..layer import math_dtype, to_out_in
+from .base import Engine, load_model, load_tokenizer, model_dtype, say
 
 
 def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(is_zero3_param(p) for p in model.parameters())
+def _hf_ds_config() -> Optional[dict]:
+    """The DeepSpeed config transformers holds while a ZeRO-3 model is built (HF Trainer, accelerate)."""
+    try:
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        return deepspeed_config()
+    except ImportError:
+        return None
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def full_value(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU, in the dtype training keeps it (collective for sharded ones).
-    For a trainable with a separate fp32 master (ZeRO-3 bf16 mode) the master is read,
-    so an exported adapter never holds 16-bit-rounded trainables."""
-    if hasattr(p, "full_tensor"):  # FSDP2 DTensor
-        return p.full_tensor().detach().cpu()
-    if not is_zero3_param(p):
-        return p.detach().cpu()
-    import deepspeed
-
-    if p.requires_grad and p.dtype != torch.float32 and getattr(p, "_z3_optimizer", None) is not None:
-        return deepspeed.utils.safe_get_full_fp32_param(p).detach().cpu()
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-        return p.data.detach().cpu().clone()
-
-
+@register_access
 class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
     def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None):
         self.max_group = max_group
-        self.ds_config = ds_config
+        self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
         self.peak_gathered_numel = 0
+
+    @classmethod
+    def detect(cls, model: torch.nn.Module) -> bool:
+        return any(is_zero3_param(p) for p in model.parameters())
+
+    @classmethod
+    def holds(cls, p: torch.Tensor) -> bool:
+        return is_zero3_param(p)
+
+    @staticmethod
+    def full_value(p: torch.Tensor) -> torch.Tensor:
+        """For a trainable with a separate fp32 master (ZeRO-3 bf16 mode) the master is read,
+        so an exported adapter never holds 16-bit-rounded trainables. A collective."""
+        import deepspeed
+
+        if p.requires_grad and p.dtype != torch.float32 and getattr(p, "_z3_optimizer", None) is not None:
+            return deepspeed.utils.safe_get_full_fp32_param(p).detach().cpu()
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().cpu().clone()
+
+    @staticmethod
+    def set_full_value(p: torch.Tensor, full: torch.Tensor) -> None:
+        import deepspeed
+
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(full.to(device=p.device, dtype=p.dtype))
+
+    def wire_regularizer(self, model, regularizer) -> None:
+        """The regularizer reads parameters that other modules own: register them as its external
+        parameters, so DeepSpeed gathers them around its forward and routes their gradients. The
+        adapter's parameters are still whole here; ``deepspeed.initialize`` partitions these very
+        objects later, so all of them are registered now."""
+        import deepspeed
+
+        for p in regularizer.read_parameters():
+            deepspeed.zero.register_external_parameter(regularizer, p)
 
     def run(self, layers, compute) -> None:
         import deepspeed
@@ -87,7 +116,7 @@ class ZeRO3Access(WeightAccess):
                 self.peak_gathered_numel = max(self.peak_gathered_numel, sum(w.numel() for w in weights))
                 for j, (name, layer) in enumerate(group):
                     if (g + j) % size == rank:
-                        W = compute_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach())).clone()
+                        W = math_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach())).clone()
                         mine[j] = (W, compute(g + j, name, layer, W))
             for j, (name, layer) in enumerate(group):
                 owner = (g + j) % size
@@ -96,36 +125,28 @@ class ZeRO3Access(WeightAccess):
                         load_tensors(layer, mine[j][1])
                     for _, p in sorted(layer.tensors().items()):
                         _broadcast(p, owner)
-                    if getattr(layer, "quant", "none") == "nf4":
-                        self._write_nf4(layer, mine.pop(j)[0] if owner == rank else None, owner, rank)
-                        continue
-                    with deepspeed.zero.GatheredParameters([layer.base_layer.weight], modifier_rank=owner):
-                        if owner == rank:
-                            write_residual(layer, mine.pop(j)[0])
+                    W = mine.pop(j)[0] if owner == rank else None
+                    if layer.storage.in_place:
+                        with deepspeed.zero.GatheredParameters([layer.base_layer.weight], modifier_rank=owner):
+                            if owner == rank:
+                                layer.storage.build(layer.base_layer, stored_residual(layer, W), layer.compute_dtype)
+                    else:
+                        self._write_stored(layer, W, owner, rank)
 
-    def _write_nf4(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
-        """4-bit residual under ZeRO-3: the owner quantizes once and broadcasts the packed codes
-        and the QuantState (DeepSpeed synchronizes parameters only, so every rank must receive
-        the identical absmax/code itself); each rank wraps them in a Linear4bit whose packed
-        bf16 weight is then partitioned like any bf16 tensor (``zero.Init(module=...)``,
-        dtype bf16 so the codes are never cast). The old full-precision weight is dropped."""
+    def _write_stored(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
+        """A residual in another storage (4-bit): the owner builds it once and broadcasts it whole
+        (DeepSpeed synchronizes parameters only, so every rank must receive e.g. the identical
+        QuantState itself); each rank rebuilds the module, whose parameters are then partitioned
+        like any other (``zero.Init(module=...)``, in the storage's own dtype so packed codes are
+        never cast). The old full-precision weight is dropped."""
         import deepspeed
 
-        from .inject import residual_of
-        from .quant import linear4bit_from_packed, payload_to_state, quantize_nf4, state_to_payload
-
-        base = layer.base_layer
-        payload = [None]
-        if rank == owner:
-            packed, state = quantize_nf4(residual_of(layer, W), layer.double_quant)
-            payload = [state_to_payload(packed, state)]
+        payload = [layer.storage.payload(stored_residual(layer, W)) if rank == owner else None]
         dist.broadcast_object_list(payload, src=owner)
-        device = base.weight.device
-        packed, state = payload_to_state(payload[0], device)
-        lin = linear4bit_from_packed(base, (layer.out_features, layer.in_features), packed, state,
-                                     layer.compute_dtype, layer.double_quant, getattr(base, "bias", None))
-        deepspeed.zero.Init(module=lin, config_dict_or_path=self.ds_config, dtype=torch.bfloat16)
-        layer.base_layer = lin
+        new = layer.storage.from_payload(layer.base_layer, (layer.out_features, layer.in_features), payload[0],
+                                         layer.compute_dtype)
+        deepspeed.zero.Init(module=new, config_dict_or_path=self.ds_config, dtype=layer.storage.shard_dtype)
+        layer.base_layer = new
 
 
 def _broadcast(p: torch.Tensor, src: int) -> None:
@@ -139,28 +160,12 @@ def _broadcast(p: torch.Tensor, src: int) -> None:
         dist.broadcast(p.data, src=src)
 
 
-def register_external(module: torch.nn.Module, params: list) -> None:
-    """Under ZeRO-3, let ``module``'s forward read ``params`` owned by other modules
-    (DeepSpeed gathers them around that forward). A no-op for unsharded models."""
-    if not params or not any(is_zero3_param(p) for p in params):
-        return
-    import deepspeed
-
-    for p in params:
-        deepspeed.zero.register_external_parameter(module, p)
-
-
 def settle(engine) -> None:
     """Wait for and release every ZeRO-3 parameter left in flight by forwards run outside a
     training step (held-out evaluation prefetches parameters it never consumes); without this
     the next gather -- e.g. the adapter export -- fails with "Cannot partition a param in flight"."""
     if hasattr(engine, "empty_partition_cache"):
         engine.empty_partition_cache()
-
-
-def access_for(model: torch.nn.Module, ds_config: Optional[dict] = None) -> Optional[WeightAccess]:
-    """The WeightAccess that fits how ``model``'s weights are stored (None: plain tensors)."""
-    return ZeRO3Access(ds_config=ds_config) if is_sharded(model) else None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -203,8 +208,6 @@ def zero3_loading(ds_config: dict, dtype: torch.dtype):
 def checkpoint_world_size(checkpoint_dir: str) -> Optional[int]:
     """How many ranks wrote the ZeRO checkpoint in ``checkpoint_dir`` (its ``latest`` tag's
     optimizer partitions), or None when it holds no DeepSpeed checkpoint."""
-    from pathlib import Path
-
     latest = Path(checkpoint_dir) / "latest"
     if not latest.is_file():
         return None
@@ -227,7 +230,6 @@ def prepare_universal_resume(checkpoint_dir: str, world: int) -> Optional[int]:
     (every rank calls this; a barrier)."""
     import shutil
     from argparse import Namespace
-    from pathlib import Path
 
     written = checkpoint_world_size(checkpoint_dir)
     if written is None or written == world:
@@ -264,3 +266,60 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
             local += p.numel()
             total += p.numel()
     return local, total
+
+
+# ----------------------------------------------------------------------------- the engine
+def run_config(path_or_dict, precision: str) -> dict:
+    """The user's DeepSpeed JSON with the run's precision applied: bf16 runs in DeepSpeed's
+    ``torch_autocast`` mode (parameters keep their dtypes: frozen base bf16, trainables
+    fp32 in the module and the optimizer); fp32 runs turn autocast off."""
+    ds = read_ds_config(path_or_dict)
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled") in (True, "auto"):
+            raise ValueError(f"{path_or_dict}: '{key}.enabled' would cast the fp32 trainables to 16 bit; "
+                             "svd_scale uses 'torch_autocast' instead (set train.precision=bf16)")
+        ds.pop(key, None)
+    ds["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    return ds
+
+
+class ZeRO3Engine(Engine):
+    """``deepspeed launch/train.py ... train.deepspeed=<json>``: the base is built partitioned
+    (``zero.Init`` through transformers), the adapters are initialized by :class:`ZeRO3Access`, and
+    transformers' Trainer drives DeepSpeed."""
+
+    name = "deepspeed"
+    trainer_bf16 = False  # torch_autocast in the DeepSpeed config
+
+    def setup(self) -> None:
+        import deepspeed
+
+        self.ds = run_config(self.cfg.train.deepspeed, self.cfg.train.precision)
+        deepspeed.init_distributed()  # deepspeed.comm must be up before zero.Init reads the world size
+
+    def prepare_resume(self, checkpoint: str) -> None:
+        written = prepare_universal_resume(checkpoint, dist.get_world_size())
+        if written:
+            say(f"{checkpoint} was written by {written} ranks, this run has {dist.get_world_size()}: "
+                "resuming from its DeepSpeed universal copy")
+            self.ds.setdefault("checkpoint", {})["load_universal"] = True
+
+    def trainer_arguments(self) -> dict:
+        return {"deepspeed": self.ds}
+
+    def load(self, args, adapt=None):
+        from .. import builtin
+        from ..inject import apply
+
+        ds = args.hf_deepspeed_config.config  # the Trainer-processed config (batch sizes filled in)
+        stage3 = ds.get("zero_optimization", {}).get("stage") == 3
+        with zero3_loading(ds, model_dtype(self.cfg)) if stage3 else contextlib.nullcontext():
+            model = load_model(self.cfg)  # under ZeRO-3: built partitioned
+        tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))
+        if adapt:
+            return adapt(model), tok
+        access = ZeRO3Access(ds_config=ds) if stage3 else None
+        return apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access), tok
+
+    def settle(self, trainer) -> None:
+        settle(trainer.model_wrapped)

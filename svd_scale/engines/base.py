@@ -1,0 +1,83 @@
+"""The interface every engine implements, and the loading helpers they share."""
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .. import builtin
+from ..access import is_main
+
+
+def say(msg: str) -> None:
+    """A progress line from rank 0 (the job's only chatter)."""
+    if is_main():
+        print(f"[svd_scale] {msg}", flush=True)
+
+
+def model_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg) -> nn.Module:
+    """The base model from a local path (``from_pretrained``), in the run's precision."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(builtin.resolve_model_path(cfg.model), dtype=model_dtype(cfg))
+
+
+class Engine:
+    """One way of running a training job (``train.engine``). ``training.run`` calls these in order:
+    ``setup`` -> ``prepare_resume`` -> ``trainer_arguments`` -> ``load`` -> (Trainer built)
+    ``attach`` -> training, with ``settle``/``save_optimizer``/``load_optimizer`` from the Trainer.
+    The base class is the plain single-process behaviour; an engine overrides what differs."""
+
+    name: ClassVar[str]
+    #: whether transformers' own ``bf16=True`` is how this engine runs bf16 (else the engine does it)
+    trainer_bf16: ClassVar[bool] = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        """Before anything is built (process groups an engine needs early)."""
+
+    def prepare_resume(self, checkpoint: str) -> None:
+        """Make ``checkpoint`` loadable by this run (called on every rank before any model loads)."""
+
+    def trainer_arguments(self) -> dict:
+        """Extra ``TrainingArguments`` for this engine."""
+        return {}
+
+    def load(self, args, adapt: Optional[Callable] = None) -> tuple[nn.Module, object]:
+        """(adapted model, tokenizer). ``adapt(model)`` replaces ``svd_scale.apply`` (benchmarks)."""
+        from ..inject import apply
+
+        model = load_model(self.cfg)
+        tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))
+        model = adapt(model) if adapt else apply(model, self.cfg.adapter, seed=self.cfg.train.seed)
+        return model, tok
+
+    def attach(self, trainer) -> None:
+        """Adjust the Trainer once it exists."""
+
+    def settle(self, trainer) -> None:
+        """After forwards run outside a training step (evaluation)."""
+
+    def save_optimizer(self, trainer, output_dir: str) -> bool:
+        """Write the optimizer and scheduler state; False: the Trainer's own way."""
+        return False
+
+    def load_optimizer(self, trainer, checkpoint: str) -> bool:
+        """Restore what :meth:`save_optimizer` wrote; False: the Trainer's own way."""
+        return False
