@@ -46,7 +46,7 @@ MAIN = ("svd_scale", "peft_lora")
 TRANSFER = ("svd_scale", "peft_lora", "sorsa", "pissa")
 # row -> (svd_scale adapter keys, or a PEFT LoraConfig's keys under "peft"), lr grid.
 # Grids bracket each family's usual range for a short run: sigma-only methods need
-# large rates (METHODS.md); low-rank matrix methods the LoRA range. Three points each, in
+# large rates (docs/methods.md); low-rank matrix methods the LoRA range. Three points each, in
 # steps of ~3x; a best at an edge gets one more step beyond it (``beyond``).
 LOW_RANK = (1e-4, 3e-4, 1e-3)
 ROWS = {

@@ -19,7 +19,7 @@ import yaml
 from .svd import ALGORITHMS
 
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINES = ("auto", "single", "deepspeed", "fsdp2")
+ENGINES = ["auto", "single", "deepspeed", "fsdp2"]  # svd_scale.engines.register_engine adds more
 PRECISIONS = ("fp32", "bf16")
 EVAL_SPLITS = ("test", "validation")
 
@@ -165,7 +165,7 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, PRECISIONS)
-        _choice("train.engine", self.engine, ENGINES)
+        _choice("train.engine", self.engine, tuple(ENGINES))
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ValueError("train.engine=deepspeed needs train.deepspeed=<json config>, e.g. configs/deepspeed/zero3.json")

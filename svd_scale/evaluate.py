@@ -1,7 +1,7 @@
 """Held-out accuracy for tasks whose completions come from a small label set.
 
 The model's answer is the label whose first completion token scores highest at the
-end of the prompt (the zero-shot protocol of ``../shared/DATA.md``). Under ZeRO-3 or
+end of the prompt (the zero-shot protocol of ``docs/data.md``). Under ZeRO-3 or
 FSDP2 the forward is a collective, so every rank runs the same number of batches on
 its share of the examples and the counts are summed.
 """

@@ -3,7 +3,7 @@
 Every function here is a function of tensors only -- no modules, no sharding, no
 quantization -- so each can be tested alone against a float64 reference.
 
-Conventions (``../shared/METHODS.md``): a weight ``W`` is out x in; ``W = U diag(S) Vh``
+Conventions (``docs/methods.md``): a weight ``W`` is out x in; ``W = U diag(S) Vh``
 with singular values descending; all decompositions run in fp32 (or float64 if
 given float64) on the weight's own device.
 """
@@ -109,7 +109,7 @@ def decompose_bottom(W: torch.Tensor, rank: int) -> tuple[SVD, SVD]:
     """Split ``W`` into its top ``min(out,in) - rank`` and bottom ``rank`` components.
 
     KaSA (Wang et al., ICLR 2025, Sec. 3.1) removes the ``rank`` *smallest*
-    components, which needs the full SVD. Following the PEFT port (see METHODS.md),
+    components, which needs the full SVD. Following the PEFT port (see docs/methods.md),
     ``rank`` must be below ``min(out, in)``. Returns ``(kept, removed)``.
     """
     k = min(W.shape)

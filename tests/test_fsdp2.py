@@ -98,7 +98,7 @@ def test_factors_equal_a_single_process_init_and_outputs_equal_the_base(job):
         for m in METHODS:
             assert f[m]["factor_err"] <= 1e-6
             assert f[m]["init_vs_one_process"] <= 1e-5
-            if m != "kasa":  # KaSA starts from W minus its r smallest components (METHODS.md)
+            if m != "kasa":  # KaSA starts from W minus its r smallest components (docs/methods.md)
                 assert f[m]["init_logits_err"] <= 1e-5
 
 

@@ -6,7 +6,7 @@
 
 Each engine module also registers its weight access with ``svd_scale.access`` on import, which is
 how ``svd_scale.apply`` recognises a sharded model by itself. Adding an engine is one module here
-and one line in :data:`ENGINES` (docs/extending.md). Importing this package imports neither
+and a ``register_engine`` line (docs/extending.md). Importing this package imports neither
 deepspeed nor bitsandbytes.
 """
 from __future__ import annotations
@@ -16,7 +16,21 @@ from .fsdp2 import FSDP2Engine
 from .single import SingleEngine
 from .zero3 import ZeRO3Engine
 
-ENGINES: dict[str, type[Engine]] = {cls.name: cls for cls in (SingleEngine, ZeRO3Engine, FSDP2Engine)}
+ENGINES: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    """Make ``cls`` available as ``train.engine: <cls.name>``."""
+    from ..config import ENGINES as NAMES
+
+    ENGINES[cls.name] = cls
+    if cls.name not in NAMES:
+        NAMES.append(cls.name)
+    return cls
+
+
+for _cls in (SingleEngine, ZeRO3Engine, FSDP2Engine):
+    register_engine(_cls)
 
 
 def create(cfg) -> Engine:
@@ -24,4 +38,4 @@ def create(cfg) -> Engine:
     return ENGINES[cfg.train.resolved_engine()](cfg)
 
 
-__all__ = ["Engine", "ENGINES", "create", "SingleEngine", "ZeRO3Engine", "FSDP2Engine"]
+__all__ = ["Engine", "ENGINES", "create", "register_engine", "SingleEngine", "ZeRO3Engine", "FSDP2Engine"]

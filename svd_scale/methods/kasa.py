@@ -7,7 +7,7 @@ Language Models", ICLR 2025, code juyongjiang/KaSA.
   of W; the rest, ``W_world``, is frozen. This needs the full SVD (never the
   randomized one). Following the PEFT port rather than the official code (which keeps
   ``in - r`` components and so truncates nothing when out < in, e.g. GQA k_proj), we
-  keep ``min(out, in) - r`` and require ``r < min(out, in)`` (METHODS.md).
+  keep ``min(out, in) - r`` and require ``r < min(out, in)`` (docs/methods.md).
 * Adaptation (Sec. 3.2): ``delta W = (alpha/r) B diag(delta_sigma) A`` with ``A`` (r x in)
   Kaiming-uniform, ``delta_sigma`` ~ N(0, 1), ``B`` (out x r) zeros -- so at init the
   output is the *truncated* weight's, not the base model's.

@@ -1,6 +1,6 @@
 """Pure orthogonality penalties shared by SORSA, KaSA and SaLoRA.
 
-Always formed from r x r Gram matrices in fp32 (METHODS.md: KaSA's official code
+Always formed from r x r Gram matrices in fp32 (docs/methods.md: KaSA's official code
 builds in x in Grams, which costs memory for nothing).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SaLoRA: structure-aware LoRA with L0 (hard-concrete) gates and a rank budget.
 
 Source: Hu et al., "Structure-Aware Low-Rank Adaptation for Parameter-Efficient
-Fine-Tuning", Mathematics 11(20):4317, 2023 (no official code; METHODS.md fixes the
+Fine-Tuning", Mathematics 11(20):4317, 2023 (no official code; docs/methods.md gives the
 details). ``delta W = (alpha/r) B diag(g) A``, W frozen, LoRA init (so the output
 equals the base model's at init).
 

@@ -10,7 +10,7 @@ singular vectors orthonormal:
 
 averaged over layers (``svd_scale.losses``). The paper applies it as a separate
 update and the official code adds ``(gamma/lr_peak) * grad L_reg`` after clipping;
-following METHODS.md we add ``gamma * L_reg`` to the loss, which works with any
+following docs/methods.md we add ``gamma * L_reg`` to the loss, which works with any
 engine (Trainer, DeepSpeed, FSDP) -- a documented difference in scale of the step.
 """
 from __future__ import annotations

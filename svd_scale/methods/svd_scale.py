@@ -3,7 +3,7 @@
 Source: Lin, Guo, Zhang, Guo, "Adaptation fine-tuning based on singular value
 decomposition", Computer Systems & Applications, 2024 -- "only the diagonal matrix
 and a scaling vector obtained from SVD are trained". The paper's text beyond the
-abstract is unavailable here; ``../shared/METHODS.md`` fixes the open choice:
+abstract is unavailable here; ``docs/methods.md`` fixes the open choice:
 ``s`` scales each output channel of the whole layer (init 1), so the init is exact
 and the frozen residual can adapt per channel too.
 
