@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .access import world as ranks
+
 MAX_LABELS = 32
 
 
@@ -34,7 +36,7 @@ def choice_accuracy(model, tok, records: list, batch_size: int = 16) -> Optional
         return None
     labels = list(ids)
     cand = torch.tensor([ids[l] for l in labels])
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = ranks()
     mine = records[rank::world]
     n_batches = math.ceil(math.ceil(len(records) / world) / batch_size)
     was_training = model.training
@@ -62,7 +64,7 @@ def choice_accuracy(model, tok, records: list, batch_size: int = 16) -> Optional
         if real:
             correct[0] += (pred == gold).sum().item()
             correct[1] += real
-    if dist.is_initialized():
+    if world > 1:
         dist.all_reduce(correct)
     model.train(was_training)
     return float(correct[0] / correct[1])

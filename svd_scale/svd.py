@@ -58,8 +58,8 @@ def _as_compute(W: torch.Tensor) -> torch.Tensor:
 
 
 def _full_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD; on CUDA with cuSOLVER's ``gesvda`` driver, about 8x faster than the default
-    on a 4096^2 weight (issue 7's measurement). gesvda wants a tall matrix, so a wide one
+    """Thin SVD; on CUDA with cuSOLVER's ``gesvda`` driver, several times faster than the default
+    on 4096-wide weights (bench/results/init_time_H100.md). gesvda wants a tall matrix, so a wide one
     is decomposed transposed. It is approximate for the smallest singular values of
     ill-conditioned matrices; the top factors are what ``decompose`` keeps, and the residual
     is always formed from the kept factors, so ``residual + product == W`` regardless.

@@ -156,7 +156,7 @@ def _broadcast(p: torch.Tensor, src: int) -> None:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=src):
             pass
         return
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world()[1] > 1:
         dist.broadcast(p.data, src=src)
 
 
@@ -215,7 +215,7 @@ def checkpoint_world_size(checkpoint_dir: str) -> Optional[int]:
     return n or None
 
 
-def prepare_universal_resume(checkpoint_dir: str, world: int) -> Optional[int]:
+def prepare_universal_resume(checkpoint_dir: str, world_size: int) -> Optional[int]:
     """Make a ZeRO-3 checkpoint written by another number of ranks loadable by this run.
 
     ZeRO partitions the optimizer state by world size, so DeepSpeed cannot load a checkpoint of
@@ -232,12 +232,12 @@ def prepare_universal_resume(checkpoint_dir: str, world: int) -> Optional[int]:
     from argparse import Namespace
 
     written = checkpoint_world_size(checkpoint_dir)
-    if written is None or written == world:
+    if written is None or written == world_size:
         return None
     ckpt = Path(checkpoint_dir)
     tag = (ckpt / "latest").read_text().strip()
     target = ckpt / f"{tag}_universal"
-    if dist.get_rank() == 0 and not (ckpt / "latest_universal").is_file():
+    if world()[0] == 0 and not (ckpt / "latest_universal").is_file():
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         tmp = ckpt / f".{tag}_universal.tmp"
@@ -298,9 +298,9 @@ class ZeRO3Engine(Engine):
         deepspeed.init_distributed()  # deepspeed.comm must be up before zero.Init reads the world size
 
     def prepare_resume(self, checkpoint: str) -> None:
-        written = prepare_universal_resume(checkpoint, dist.get_world_size())
+        written = prepare_universal_resume(checkpoint, world()[1])
         if written:
-            say(f"{checkpoint} was written by {written} ranks, this run has {dist.get_world_size()}: "
+            say(f"{checkpoint} was written by {written} ranks, this run has {world()[1]}: "
                 "resuming from its DeepSpeed universal copy")
             self.ds.setdefault("checkpoint", {})["load_universal"] = True
 

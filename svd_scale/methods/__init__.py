@@ -45,12 +45,13 @@ def option_users() -> dict[str, list[str]]:
 
 
 def option_help() -> dict[str, str]:
-    """Every method option name -> its help text (first declaration wins)."""
-    out: dict[str, str] = {}
+    """Every method option name -> its help texts (each distinct one once, in method order)."""
+    out: dict[str, list[str]] = {}
     for _, cls in sorted(METHODS.items()):
         for name, opt in cls.options.items():
-            out.setdefault(name, opt.help)
-    return out
+            if opt.help not in out.setdefault(name, []):
+                out[name].append(opt.help)
+    return {name: " | ".join(helps) for name, helps in out.items()}
 
 
 def resolve_options(method: str, options: dict) -> dict:

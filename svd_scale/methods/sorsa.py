@@ -15,7 +15,6 @@ engine (Trainer, DeepSpeed, FSDP) -- a documented difference in scale of the ste
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..layer import AdapterLayer, Option, Role, non_negative

@@ -33,7 +33,7 @@ def plain_forward(h, x, Vh, U, sigma, scale=None, bias=None):
 
 class ScaledLowRank(torch.autograd.Function):
     """``y = s * (h + U diag(sigma) V^T x) + b (1 - s)`` in as few passes over the
-    (tokens x out) activations as cuBLAS allows (issue 7: with tiny adapter math the
+    (tokens x out) activations as cuBLAS allows (with tiny adapter math the
     cost of the layer is its extra elementwise passes and kernel launches).
 
     Forward: ``a = x V`` (tokens x r), then one ``addmm`` adds ``a (U diag(sigma))^T`` to
@@ -47,7 +47,7 @@ class ScaledLowRank(torch.autograd.Function):
 
     Not the default (``SVDScaleLayer.fused``): on the H100 the 7B-shaped training step is
     bound by kernel launches on the host, and this function's Python backward costs more
-    host time than the plain ops' C++ autograd nodes save; it measured 8% slower
+    host time than the plain ops' C++ autograd nodes save; it measured slower
     (bench/results/perf_notes.md). It stays, tested, for GPU-bound settings.
     """
 
