@@ -21,6 +21,17 @@ GPU, seq ``--seq``, gradient checkpointing, AdamW). Rows:
   partitioned under ``zero.Init``, the sharding-aware init (``ZeRO3Access``), DeepSpeed's
   ``torch_autocast`` bf16 (σ and s stay fp32), as ``launch/train.py`` runs it.
 
+``--settings`` runs every row under each of several DeepSpeed settings in turn (one build per row and
+setting), for the ZeRO-3 speed work (issue 15). A setting is ``+``-joined tokens, each optionally
+``token:value``: ``shipped`` (the config below, unchanged), ``leaf`` (``deepspeed.utils.
+set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initialize``), ``gran[:1e8]``
+(``stage3_module_granularity_threshold``), ``persist[:1e6]`` (``stage3_param_persistence_threshold``;
+1e6 keeps the adapter's factors, sigma, s and the norms whole, the 4-bit codes of every projection
+(>= 4.2 M bf16 values) partitioned), ``prefetch[:2e8]`` (``stage3_prefetch_bucket_size``), ``live[:2e9]``
+(``stage3_max_live_parameters``); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
+after the timed ones (tables to ``--profile-dir``).
+
 Per row (max over ranks): load + adapt seconds, peak GiB during load + adapt, peak GiB during
 training, parameter GiB held by the rank after ``deepspeed.initialize``; tokens/s per GPU (median
 step). On CPU (``DS_ACCELERATOR=cpu``, gloo) it runs as a smoke test: no peak memory figures.
@@ -73,11 +84,32 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
         torch.cuda.empty_cache()
 
 
-def ds_config(row: str, hidden: int) -> dict:
+SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9}
+SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
+                "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters"}
+
+
+def parse_setting(setting: str) -> dict:
+    """``"leaf+persist:1e6"`` -> ``{"leaf": None, "persist": 1000000}`` (see the module docstring)."""
+    out = {}
+    for tok in setting.split("+"):
+        name, _, val = tok.partition(":")
+        if name not in SETTING_DEFAULTS:
+            raise SystemExit(f"--settings: unknown token {name!r} in {setting!r}; known: {', '.join(SETTING_DEFAULTS)}")
+        v = float(val) if val else SETTING_DEFAULTS[name]
+        out[name] = None if v is None else int(v)
+    return out
+
+
+def ds_config(row: str, hidden: int, setting: str = "shipped") -> dict:
     """The ZeRO-3 config of configs/deepspeed/zero3.json with its "auto" sizes filled in as
-    transformers' Trainer fills them (integrations/deepspeed.py), so both tools get what users get."""
+    transformers' Trainer fills them (integrations/deepspeed.py), so both tools get what users get;
+    then the DeepSpeed options of ``setting`` (``parse_setting``) on top."""
     zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": hidden * hidden,
             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden}
+    for name, v in parse_setting(setting).items():
+        if name in SETTING_KEYS:
+            zero[SETTING_KEYS[name]] = v
     cfg = {"zero_optimization": zero,
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
@@ -148,8 +180,85 @@ def _now(cuda: bool) -> float:
     return torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
 
 
-def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int) -> dict:
-    ds = ds_config(name, hidden)
+def decoder_layer_classes(model) -> list:
+    """The decoder layer class(es) of ``model`` (LlamaDecoderLayer here), PEFT-wrapped or not."""
+    return sorted({type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}, key=lambda c: c.__name__)
+
+
+def leaf_summary(model) -> str:
+    """Which modules DeepSpeed treats as ZeRO-3 leaves (set by ``leaf`` or by the granularity threshold)."""
+    from collections import Counter
+
+    from deepspeed.utils import z3_leaf_module
+
+    c = Counter(type(m).__name__ for m in model.modules() if z3_leaf_module(m))
+    return ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "none"
+
+
+def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s: float) -> None:
+    """One torch.profiler step and one cProfile step on rank 0 (every rank runs both steps)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rank = dist.get_rank()
+    tag = f"{name}__{setting.replace('+', '_').replace(':', '')}"
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if rank == 0:
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t
+    else:
+        step()
+    dist.barrier()
+    if rank == 0:
+        ka = prof.key_averages()
+        dev_attr = "self_device_time_total" if hasattr(next(iter(ka)), "self_device_time_total") else "self_cuda_time_total"
+        lines = [f"# {tag}: one step under torch.profiler on rank 0 (wall {wall * 1e3:.0f} ms profiled; "
+                 f"{step_s * 1e3:.0f} ms median unprofiled)", ""]
+        tot_cpu = sum(e.self_cpu_time_total for e in ka) / 1e3
+        tot_dev = sum(getattr(e, dev_attr, 0) for e in ka) / 1e3
+        launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
+        lines.append(f"total self CPU {tot_cpu:.0f} ms; total self CUDA {tot_dev:.0f} ms; kernel launches {launches}")
+        for pat, label in (("allgather|all_gather", "all-gather"), ("reducescatter|reduce_scatter", "reduce-scatter"),
+                           ("allreduce|all_reduce", "all-reduce"), ("broadcast", "broadcast")):
+            import re
+
+            ev = [e for e in ka if re.search(pat, e.key.replace(" ", ""), re.I)]
+            for e in sorted(ev, key=lambda e: -e.count):
+                lines.append(f"- {label}: `{e.key[:90]}` calls {e.count}, self CPU {e.self_cpu_time_total / 1e3:.1f} ms, "
+                             f"self CUDA {getattr(e, dev_attr, 0) / 1e3:.1f} ms")
+        lines += ["", "## top 30 by self CPU time", "```",
+                  ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), "```"]
+        if cuda:
+            lines += ["", "## top 30 by self CUDA time", "```",
+                      ka.table(sort_by=dev_attr, row_limit=30, max_name_column_width=70), "```"]
+        (d / f"prof_{tag}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines[:14]), flush=True)
+    # cProfile: where the host's Python time goes (DeepSpeed's hooks, the adapter's forward, autocast)
+    if rank == 0:
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        pr.disable()
+        buf = io.StringIO()
+        st = pstats.Stats(pr, stream=buf)
+        st.sort_stats("tottime").print_stats(40)
+        st.sort_stats("cumulative").print_stats(60)
+        (d / f"cprof_{tag}.txt").write_text(buf.getvalue())
+    else:
+        step()
+    dist.barrier()
+
+
+def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
+        profile_dir: str | None = None) -> dict:
+    ds = ds_config(name, hidden, setting)
     _reset(cuda)
     before = _max(_now(cuda))  # what earlier rows left behind (0 when each row has its own process)
     dist.barrier()
@@ -160,12 +269,14 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int) ->
     model.train()  # from_pretrained returns eval mode, where transformers skips the checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
+    if "leaf" in parse_setting(setting):
+        deepspeed.utils.set_z3_leaf_modules(model, decoder_layer_classes(model))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     dist.barrier()
     four_bit = sum(1 for m in model.modules()  # bitsandbytes' own layers (PEFT's wrappers around them not counted)
                    if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
                    or type(m).__name__ == "ShardableNF4Linear")
-    out = {"row": name, "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
+    out = {"row": name, "setting": setting, "leaves": leaf_summary(model), "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
            "before_gib": before, "resident_gib": _max(_now(cuda)),
            "local_param_gib": _max(local_param_gib(model)),
            "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
@@ -174,21 +285,27 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int) ->
     dev = engine.device
     g = torch.Generator().manual_seed(dist.get_rank())
     times, losses = [], []
-    for i in range(2 + steps):
+    def step():
         x = torch.randint(0, 32000, (1, seq), generator=g).to(dev)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
         if cuda:
             torch.cuda.synchronize()
-        losses.append(loss.item())
+        return loss.item()
+
+    for i in range(2 + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(step())
         if i >= 2:
             times.append(time.perf_counter() - t)
+    out["step_s"] = [_max(t) for t in times]  # each step's slowest rank
     out["tok_s_per_gpu"] = seq / _max(statistics.median(times))  # the slowest rank sets the pace
     out["train_peak_gib"] = _max(_peak(cuda))
+    if profile_dir is not None:
+        profile_step(step, name, setting, profile_dir, cuda, statistics.median(times))
     if not all(l == l and abs(l) < 1e4 for l in losses):
         raise RuntimeError(f"{name}: non-finite or exploding loss {losses}")
     engine.destroy()
@@ -209,10 +326,27 @@ def main():
     ap.add_argument("--json", default=None, help="also write the rows' figures here")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--merge", nargs="+", default=None, help="only write the table of these --json files")
+    ap.add_argument("--settings", default="shipped",
+                    help="comma-separated DeepSpeed settings, each '+'-joined tokens (see the module docstring); "
+                         "every row runs under each, settings outermost")
+    ap.add_argument("--profile", default=None, help="profile one extra step of every row under this setting (rank 0)")
+    ap.add_argument("--profile-dir", default="runs/zero3_profile")
+    ap.add_argument("--plan", default=None,
+                    help="explicit order instead of --rows x --settings: comma-separated ROW@SETTING, e.g. "
+                         "'svd_scale_nf4@leaf+persist:0,peft_qlora@leaf+persist:0,svd_scale_nf4@leaf+persist:0' "
+                         "(--profile then applies only to the first row of each tool under that setting)")
     a = ap.parse_args()
     if a.merge:
         return report([r for f in a.merge for r in json.loads(Path(f).read_text())], a.out or "/dev/stdout")
-    rows = a.rows.split(",")
+    if a.plan:
+        plan = [tuple(x.split("@", 1)) for x in a.plan.split(",")]
+        if any(len(x) != 2 for x in plan):
+            raise SystemExit("--plan: each entry is ROW@SETTING")
+    else:
+        plan = [(r, st) for st in a.settings.split(",") for r in a.rows.split(",")]
+    rows = sorted({r for r, _ in plan})
+    for _, st in plan:
+        parse_setting(st)
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise SystemExit(f"--rows: unknown {bad}; allowed: {', '.join(ROWS)}")
@@ -226,7 +360,18 @@ def main():
     if rank == 0:
         write_checkpoint(path, a.shape, layers)
     dist.barrier()
-    results = [row(r, path, a.seq, a.steps, cuda, SHAPES[a.shape]["hidden_size"]) for r in rows]
+    results, profiled = [], set()
+    for r, st in plan:
+        prof = a.profile == st and (r, st) not in profiled
+        profiled.add((r, st))
+        res = row(r, path, a.seq, a.steps, cuda, SHAPES[a.shape]["hidden_size"], st,
+                  a.profile_dir if prof else None)
+        if rank == 0:
+            print(f"RESULT {st:32s} {r:16s} {res['tok_s_per_gpu']:8,.0f} tok/s/GPU  train peak {res['train_peak_gib']:.2f} GiB  "
+                  f"init {res['init_s']:.1f} s  steps {[round(x, 3) for x in res['step_s']]}  leaves: {res['leaves']}", flush=True)
+        results.append(res)
+        if a.json and rank == 0:  # partial results survive a run cut short
+            Path(a.json).write_text(json.dumps(results))
     if rank != 0:
         return
     meta = {"shape": a.shape, "layers": layers, "world": world, "seq": a.seq, "steps": a.steps,
@@ -256,7 +401,8 @@ def report(results: list, out: str) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r['tok_s_per_gpu'] / ref['tok_s_per_gpu']:.2f}x" if ref else "-"
-        lines.append(f"| {LABEL[r['row']]} | {r['trainable']:,} | {r['four_bit_layers']} | {r['tok_s_per_gpu']:,.0f} | {ratio} | "
+        label = LABEL[r['row']] + ("" if r.get("setting", "shipped") == "shipped" else f" [{r['setting']}]")
+        lines.append(f"| {label} | {r['trainable']:,} | {r['four_bit_layers']} | {r['tok_s_per_gpu']:,.0f} | {ratio} | "
                      f"{r['train_peak_gib']:.2f} | {r['init_peak_gib']:.2f} | {r['local_param_gib']:.2f} | {r['resident_gib']:.2f} | "
                      f"{r['before_gib']:.2f} | {r['init_s']:.1f} |")
     text = "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+#!/bin/bash
+# Device-side driver for the ZeRO-3 settings sweep (issue 15). Run from the repo root copy (.z3):
+#   bash bench/device/z3_settings.sh install|single|sweep NPROC TAG SETTINGS [PROFILE_SETTING] [ROWS]
+#   bash bench/device/z3_settings.sh plan NPROC TAG ROW@SETTING,ROW@SETTING,... [PROFILE_SETTING]   (explicit order)
+# Wheels are read from ../.whl (carried); results go to $OUT.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+case "$1" in
+install)
+  if [ ! -d /tmp/site/deepspeed ]; then
+    t0=$(date +%s)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 1
+    DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site ../.whl/deepspeed-0.19.8.tar.gz || exit 1
+    echo "install took $(( $(date +%s) - t0 )) s"
+  fi
+  nvidia-smi -L; nproc
+  python3 -c "import torch, deepspeed, bitsandbytes, transformers, peft; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
+  ;;
+single)
+  CUDA_VISIBLE_DEVICES=0 python3 bench/train_throughput.py --rows "${3:-svd_scale nf4 r64,peft qlora r16}" --steps 5 --repeat 1 --out $OUT/single_$2.md > $OUT/single_$2.log 2>&1
+  grep -E "tok/s" $OUT/single_$2.log
+  ;;
+sweep)
+  N=$2; TAG=$3; SETTINGS=$4; PROF=$5; ROWS=${6:-svd_scale_nf4,peft_qlora}
+  t0=$(date +%s)
+  timeout ${TLIM:-560} torchrun --nproc_per_node $N bench/zero3_throughput.py --shape 7b --rows $ROWS --settings $SETTINGS \
+    ${PROF:+--profile $PROF --profile-dir /tmp/prof_$TAG} --json $OUT/$TAG.json --out /tmp/$TAG.md > /tmp/$TAG.log 2>&1
+  echo "rc=$? sweep $TAG took $(( $(date +%s) - t0 )) s"
+  grep -E "^RESULT|Error|error:|Traceback|OutOfMemory" /tmp/$TAG.log | grep -v "UserWarning" | head -40
+  gzip -c /tmp/$TAG.log > $OUT/$TAG.log.gz
+  if [ -n "$PROF" ] && [ -d /tmp/prof_$TAG ]; then tar czf $OUT/prof_$TAG.tgz -C /tmp prof_$TAG; fi
+  ;;
+plan)
+  N=$2; TAG=$3; PLAN=$4; PROF=$5
+  t0=$(date +%s)
+  timeout ${TLIM:-560} torchrun --nproc_per_node $N bench/zero3_throughput.py --shape 7b --plan "$PLAN" \
+    ${PROF:+--profile $PROF --profile-dir /tmp/prof_$TAG} --json $OUT/$TAG.json --out /tmp/$TAG.md > /tmp/$TAG.log 2>&1
+  echo "rc=$? plan $TAG took $(( $(date +%s) - t0 )) s"
+  grep -E "^RESULT|Error|error:|Traceback|OutOfMemory" /tmp/$TAG.log | grep -v "UserWarning" | head -40
+  gzip -c /tmp/$TAG.log > $OUT/$TAG.log.gz
+  if [ -n "$PROF" ] && [ -d /tmp/prof_$TAG ]; then
+    grep -H -E "^total self|^- all-gather|^- reduce-scatter|ms profiled" /tmp/prof_$TAG/prof_*.md
+    tar czf $OUT/prof_$TAG.tgz -C /tmp prof_$TAG
+  fi
+  ;;
+esac
