@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,6 +28,32 @@ EVAL_SPLITS = ("test", "validation")
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _typed(obj, section: str) -> None:
+    """Check (and, for numbers written as strings, convert) every field against its annotation, so a
+    quoted ``"false"`` is not taken as true, ``max_steps: 2.7`` is not cut to 2, and ``1e-2`` (a string
+    in YAML 1.1) is the number 0.01. Raised before anything is loaded, naming the key."""
+    for f in fields(obj):
+        kind, value, key = str(f.type), getattr(obj, f.name), f"{section}.{f.name}"
+        if value is None and kind.startswith("Optional"):
+            continue
+        if "bool" in kind:
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false (unquoted), got {value!r}")
+        elif "int" in kind:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be a whole number, got {value!r}")
+        elif "float" in kind:
+            try:
+                number = float(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                number = None
+            if number is None or not math.isfinite(number):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
+            setattr(obj, f.name, number)
+        elif kind in ("str", "Optional[str]") and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -64,6 +91,7 @@ class AdapterConfig:
 
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"adapter.rank must be a positive integer, got {self.rank!r}")
+        _typed(self, "adapter")
         _choice("adapter.svd", self.svd, ALGORITHMS)
         _positive("adapter.niter", self.niter, allow_zero=True)
         _positive("adapter.oversample", self.oversample, allow_zero=True)
@@ -156,14 +184,20 @@ class TrainConfig:
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
+    timeout_minutes: float = field(default=30.0, metadata={"help": "collective timeout: a rank that stops answering "
+                                   "ends a multi-rank job after this long (torch.distributed / DeepSpeed)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})
 
     def __post_init__(self) -> None:
+        _typed(self, "train")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "logging_steps"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("weight_decay", "warmup_ratio", "save_steps", "eval_examples", "seed"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.lr", self.lr)
+        _positive("train.timeout_minutes", self.timeout_minutes)
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"train.warmup_ratio is a fraction of the steps, in [0, 1], got {self.warmup_ratio!r}")
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.engine", self.engine, tuple(ENGINES))
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
@@ -221,8 +255,6 @@ def _build(cls, d: dict, where: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; allowed: {sorted(known)}")
-    if cls is TrainConfig and "lr" in d and isinstance(d["lr"], str):
-        d["lr"] = float(d["lr"])
     return cls(**d)
 
 

@@ -6,15 +6,16 @@ TRAINABLE, FACTOR and INIT tensor, trainables in fp32). Loading never recomputes
 SVD: the residual is rebuilt as ``W - removed(saved tensors)`` by the same code
 that built it at init, so outputs match bit for bit.
 
-Files are written to a temporary folder beside the target and renamed into place,
-so an interrupted save never leaves a half-written adapter behind.
+Saving writes only these two files into the folder (never deleting anything else there): each is
+written under a temporary name and renamed into place, the weights first. Both carry the same random
+``save_id``, so a pair from two different saves (a save interrupted between the renames) is refused
+when loading. Non-finite tensors are never written, never loaded, and never merged.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -78,30 +79,49 @@ def _adapter_meta(model: nn.Module, state: dict) -> dict:
     return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base}
 
 
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _refuse_non_finite(tensors: dict, what: str) -> None:
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"{what}: {len(bad)} of {len(tensors)} adapter tensors hold NaN or inf (first: {bad[:3]}); "
+                         "the run diverged (lower train.lr) -- refusing to use them")
+
+
+def _temp_name(name: str, save_id: str) -> str:
+    return f".{name}.{save_id}.tmp"
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Temporary files of interrupted saves into ``target`` (only names this module writes)."""
+    for f in target.glob(".*.tmp"):
+        if f.name.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")):
+            f.unlink(missing_ok=True)
+
+
 def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
-    """Write the adapter of ``model`` to ``directory`` (atomically). Collective under
-    ZeRO-3/FSDP2: call it on every rank; rank 0 writes. Returns the folder on the writer."""
+    """Write the adapter of ``model`` into ``directory`` (module docstring: two files, each renamed
+    into place; anything else in the folder is left alone). Collective under ZeRO-3/FSDP2: call it
+    on every rank; rank 0 writes. Returns the folder on the writer."""
     if not any(True for _ in adapter_layers(model)):
         raise ValueError("model has no svd_scale adapters to save")
     state = adapter_state_dict(model)
+    _refuse_non_finite(state, f"save_adapter({directory!r})")  # every rank holds the same state: all raise
     if not is_main():
         return None
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": str(FORMAT_VERSION)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(_adapter_meta(model, state), indent=2))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    save_id = uuid.uuid4().hex
+    meta = {**_adapter_meta(model, state), "save_id": save_id}
+    weights, config = target / _temp_name(WEIGHTS_NAME, save_id), target / _temp_name(CONFIG_NAME, save_id)
+    save_file(state, str(weights), metadata={"format": str(FORMAT_VERSION), "save_id": save_id})
+    config.write_text(json.dumps(meta, indent=2))
+    os.replace(weights, target / WEIGHTS_NAME)
+    os.replace(config, target / CONFIG_NAME)
     return str(target)
 
 
@@ -121,8 +141,17 @@ class SavedAdapter:
     checked against the base before anything changes; a mismatch names the layer."""
 
     def __init__(self, directory: str, cfg: AdapterConfig, meta: dict):
+        from safetensors import safe_open
+
         self.directory, self.cfg, self.layers_meta = directory, cfg, meta["layers"]
-        self.state = load_file(str(Path(directory) / WEIGHTS_NAME))
+        path = str(Path(directory) / WEIGHTS_NAME)
+        with safe_open(path, framework="pt") as f:
+            file_id = (f.metadata() or {}).get("save_id")
+        if meta.get("save_id") != file_id:
+            raise ValueError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves "
+                             f"({meta.get('save_id')} vs {file_id}); a save was interrupted -- save again")
+        self.state = load_file(path)
+        _refuse_non_finite(self.state, f"load_adapter({directory!r})")
 
     def _check_tensors(self) -> None:
         cls = get_method(self.cfg.method)
@@ -182,7 +211,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the plain model class back (``nn.Linear``/``Conv1D`` layers, loadable by plain
     transformers after ``save_pretrained``). Idempotent: a model without adapters is
     returned unchanged."""
-    for name, layer in list(adapter_layers(model)):
+    layers = list(adapter_layers(model))
+    for name, layer in layers:  # before anything changes
+        _refuse_non_finite({f"{name}.{k}": v.detach() for k, v in layer.tensors().items()}, "merge_and_unload")
+    for name, layer in layers:
         base = layer.base_layer
         with torch.no_grad():  # a quantized residual merges into a plain layer in the compute dtype
             base = storage_of(base).plain(base, merged_weight(layer), layer.compute_dtype)

@@ -57,6 +57,20 @@ class SVDTrainer(Trainer):
         reg = reg / self.args.gradient_accumulation_steps
         return (out[0] + reg, out[1]) if return_outputs else out + reg
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The divergence guard: a non-finite loss on any rank stops every rank at this step, before
+        anything is written from it (the checkpoints before it are kept)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+        if world()[1] > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.item():
+            raise FloatingPointError(
+                f"training diverged: non-finite loss at step {self.state.global_step + 1} on {int(bad.item())} of "
+                f"{world()[1]} rank(s); nothing from this step was saved (lower train.lr; --resume continues "
+                "from the last checkpoint)")
+        return loss
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
@@ -132,6 +146,7 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not is_main(),
+        ddp_timeout=int(round(60 * t.timeout_minutes)),
         **engine.trainer_arguments(),
     )
 
@@ -219,6 +234,7 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     t_init = time.time()
     model, tok = engine.load(args, adapt)
     metrics["init_seconds"] = round(time.time() - t_init, 2)
+    metrics.update(engine.notes)
     _report_adapter(metrics, model, cfg, adapt is not None)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()

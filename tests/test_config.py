@@ -104,3 +104,14 @@ def test_fsdp2_configs_parse_and_refuse_bad_combinations_before_any_work():
         assert load_config(None, ("train.engine=fsdp2", f"method={method}")).adapter.method == method
     with pytest.raises(ValueError, match=r"fsdp2 and train.deepspeed are exclusive"):
         load_config(None, ("train.engine=fsdp2", "train.deepspeed=configs/deepspeed/zero3.json"))
+
+
+def test_zero3_speed_defaults_fill_only_what_the_users_config_leaves_unset():
+    from svd_scale.engines.zero3 import SPEED_DEFAULTS, add_speed_defaults
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}
+    added = add_speed_defaults(ds)
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == "auto"  # the user's choice stays
+    assert set(added) == set(SPEED_DEFAULTS) - {"stage3_prefetch_bucket_size"}
+    assert all(ds["zero_optimization"][k] == v for k, v in added.items())
+    assert add_speed_defaults({"zero_optimization": {"stage": 2}}) == {}  # stage 3 only

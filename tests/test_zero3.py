@@ -168,6 +168,24 @@ def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single)
     assert moved > 1e-4  # training really changed sigma, so the comparison above means something
 
 
+def test_decoder_layer_leaf_modules_with_checkpointing_train_like_one_process(job, model_dir, tmp_path):
+    """With gradient checkpointing the ZeRO-3 engine fetches each decoder layer whole (DeepSpeed leaf
+    modules, for speed); the losses still equal a single process with checkpointing."""
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import GLOBAL_BATCH
+
+    world, out = job
+    got = json.loads((out / "checkpointed" / "metrics.json").read_text())
+    assert got["zero3_leaf_modules"] == "LlamaDecoderLayer"
+    ref = run(load_config(None, (f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1",
+                                 "train.max_length=48", f"train.batch_size={GLOBAL_BATCH}", "train.lr=1e-2",
+                                 "train.max_steps=4", "train.gradient_checkpointing=true", f"train.output_dir={tmp_path}")))
+    torch.testing.assert_close(torch.tensor([l for _, l in got["losses"]]), torch.tensor([l for _, l in ref["losses"]]),
+                               rtol=TOL_LOSS, atol=0)
+    plain = json.loads((out / ("metrics_uninterrupted.json" if world == 2 else "train/metrics.json")).read_text())
+    assert "zero3_leaf_modules" not in plain  # without checkpointing DeepSpeed's leaf mode breaks backward
+
+
 def test_resume_reproduces_the_uninterrupted_run(world2):
     _, out = world2
     full = json.loads((out / "metrics_uninterrupted.json").read_text())

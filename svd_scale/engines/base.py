@@ -48,6 +48,7 @@ class Engine:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.notes: dict = {}  # what the engine chose by itself, reported in metrics.json
 
     def setup(self) -> None:
         """Before anything is built (process groups an engine needs early)."""

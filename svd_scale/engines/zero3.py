@@ -269,6 +269,40 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the engine
+#: ZeRO-3 options added to a DeepSpeed config that does not set them (measured on 4 H200s, 7B shape:
+#: bench/results/zero3_settings_H200x4.md). The default prefetch bucket (0.9 h^2) is smaller than one
+#: decoder layer, so nothing was prefetched; together with decoder-layer leaf modules
+#: (:func:`set_leaf_modules`) these moved svd_scale NF4 from 0.13-0.15x to 0.32-0.36x one GPU's rate.
+SPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 200_000_000, "stage3_max_live_parameters": 2_000_000_000,
+                  "stage3_param_persistence_threshold": 1_000_000}
+
+
+def add_speed_defaults(ds: dict) -> dict:
+    """Fill in :data:`SPEED_DEFAULTS` where a stage-3 config leaves them unset (a value the user
+    wrote, ``"auto"`` included, is kept); returns what was added."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return {}
+    added = {k: v for k, v in SPEED_DEFAULTS.items() if k not in zero}
+    zero.update(added)
+    return added
+
+
+def set_leaf_modules(model) -> str:
+    """Make each decoder layer a ZeRO-3 leaf: its parameters are fetched and released together, with
+    one hook pair per layer instead of one per submodule (the adapter adds modules to every layer).
+    Only with gradient checkpointing, whose recomputation runs each layer's forward (and so the
+    fetch) again inside backward: without it DeepSpeed 0.19's leaf mode hands backward released
+    (empty) parameters ("size of tensor a (0) must match ...", seen on CPU with 2 ranks)."""
+    import deepspeed
+
+    from ..inject import decoder_layers
+
+    cls = type(decoder_layers(model)[0])
+    deepspeed.utils.set_z3_leaf_modules(model, [cls])
+    return cls.__name__
+
+
 def run_config(path_or_dict, precision: str) -> dict:
     """The user's DeepSpeed JSON with the run's precision applied: bf16 runs in DeepSpeed's
     ``torch_autocast`` mode (parameters keep their dtypes: frozen base bf16, trainables
@@ -295,7 +329,14 @@ class ZeRO3Engine(Engine):
         import deepspeed
 
         self.ds = run_config(self.cfg.train.deepspeed, self.cfg.train.precision)
-        deepspeed.init_distributed()  # deepspeed.comm must be up before zero.Init reads the world size
+        added = add_speed_defaults(self.ds)
+        from datetime import timedelta
+
+        # deepspeed.comm must be up before zero.Init reads the world size
+        deepspeed.init_distributed(timeout=timedelta(minutes=self.cfg.train.timeout_minutes))
+        if added:
+            say("ZeRO-3: added " + ", ".join(f"{k}={v:g}" for k, v in added.items())
+                + " (set them in your DeepSpeed JSON to choose otherwise)")
 
     def prepare_resume(self, checkpoint: str) -> None:
         written = prepare_universal_resume(checkpoint, world()[1])
@@ -319,7 +360,11 @@ class ZeRO3Engine(Engine):
         if adapt:
             return adapt(model), tok
         access = ZeRO3Access(ds_config=ds) if stage3 else None
-        return apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access), tok
+        model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
+        if stage3 and self.cfg.train.gradient_checkpointing:
+            self.notes["zero3_leaf_modules"] = set_leaf_modules(model)
+            say(f"ZeRO-3: every {self.notes['zero3_leaf_modules']} is a leaf module (fetched whole, one hook pair)")
+        return model, tok
 
     def settle(self, trainer) -> None:
         settle(trainer.model_wrapped)

@@ -173,6 +173,9 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
         dist.barrier()
         run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={out / 'reworld'}")),
             resume=True)
+    # gradient checkpointing: the engine makes every decoder layer a ZeRO-3 leaf module
+    run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true",
+                           f"train.output_dir={out / 'checkpointed'}")))
     if bf16:
         # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
         run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",

@@ -1,0 +1,138 @@
+"""Nothing lost, nothing silently wrong: saves that never delete what they did not write, torn saves
+refused, non-finite adapters never written, loaded or half-merged, and a diverging run stopped at
+the step it diverged."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_llama_with_real_tokenizer, tiny_llama
+
+import svd_scale
+from svd_scale import io as sio
+
+
+def _adapted(seed=0):
+    return svd_scale.apply(tiny_llama(seed), svd_scale.AdapterConfig(rank=4))
+
+
+def test_save_adapter_keeps_everything_else_in_the_folder(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    svd_scale.save_adapter(_adapted(), str(out))
+    svd_scale.save_adapter(_adapted(), str(out))  # and again over its own files
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint-5" / "trainer_state.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json", "checkpoint-5", "notes.txt"]
+    svd_scale.load_adapter(tiny_llama(), str(out))
+
+
+def test_a_save_torn_between_its_two_files_is_refused_and_its_leftovers_cleaned(tmp_path, monkeypatch, tokens):
+    first = _adapted()
+    svd_scale.save_adapter(first, str(tmp_path))
+    second = _adapted()
+    with torch.no_grad():
+        for _, layer in svd_scale.adapter_layers(second):
+            layer.sigma.mul_(1.5)
+    calls = []
+    real_replace = os.replace
+
+    def crash_on_config(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(sio.CONFIG_NAME):
+            raise OSError("killed")  # the weights are renamed, the config is not
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(sio.os, "replace", crash_on_config)
+    with pytest.raises(OSError):
+        svd_scale.save_adapter(second, str(tmp_path))
+    monkeypatch.setattr(sio.os, "replace", real_replace)
+    with pytest.raises(ValueError, match="come from different saves"):
+        svd_scale.load_adapter(tiny_llama(), str(tmp_path))
+    assert [p.name for p in tmp_path.glob(".*.tmp")]  # the interrupted save left its temporary config
+    svd_scale.save_adapter(second, str(tmp_path))  # a complete save cleans that up and loads again
+    assert not list(tmp_path.glob(".*.tmp"))
+    loaded = svd_scale.load_adapter(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, second(input_ids=tokens).logits)
+
+
+def test_non_finite_adapters_are_never_saved_loaded_or_half_merged(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = _adapted()
+    svd_scale.save_adapter(good, str(tmp_path / "good"))
+    bad = _adapted()
+    last_name, last = list(svd_scale.adapter_layers(bad))[-1]
+    with torch.no_grad():
+        last.sigma[0] = float("nan")
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        svd_scale.save_adapter(bad, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / sio.WEIGHTS_NAME).exists()
+    # a file edited to hold NaN (same save id, so only the values are wrong)
+    path = tmp_path / "good" / sio.WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    state[f"{last_name}.sigma"][0] = float("inf")
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        svd_scale.load_adapter(tiny_llama(), str(tmp_path / "good"))
+    # merge checks every layer before it changes any
+    before = [type(m).__name__ for m in bad.modules()]
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        svd_scale.merge_and_unload(bad)
+    assert [type(m).__name__ for m in bad.modules()] == before
+
+
+def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    out = tmp_path / "out"
+    cfg = load_config(None, (f"model={model}", "rank=4", "train.max_steps=6", "train.batch_size=4", "train.max_length=32",
+                             "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e30",
+                             "train.warmup_ratio=0", f"train.output_dir={out}"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step (\d+)") as err:
+        run(cfg)
+    step = int(err.value.args[0].split("at step ")[1].split()[0])
+    assert 1 < step <= 6
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()  # nothing from the bad step
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept and f"checkpoint-{step}" not in kept
+    state = json.loads((out / kept[-1] / "trainer_state.json").read_text())
+    assert state["global_step"] == step - 1
+    from safetensors.torch import load_file
+
+    assert not sio.non_finite(load_file(str(out / kept[-1] / "adapter" / sio.WEIGHTS_NAME)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ('train.gradient_checkpointing="false"', r"train.gradient_checkpointing must be true or false \(unquoted\), got 'false'"),
+    ("train.max_steps=2.7", r"train.max_steps must be a whole number, got 2.7"),
+    ("train.warmup_ratio=5", r"train.warmup_ratio is a fraction of the steps, in \[0, 1\], got 5"),
+    ("train.lr=inf", r"train.lr must be a finite number, got 'inf'"),
+    ("adapter.niter=1.5", r"adapter.niter must be a whole number, got 1.5"),
+    ('adapter.double_quant="yes"', r"adapter.double_quant must be true or false"),
+])
+def test_config_values_of_the_wrong_type_are_refused_by_name(override, message):
+    from svd_scale.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, (override,))
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers_and_the_timeout_reaches_the_trainer(tmp_path):
+    from svd_scale.config import load_config
+    from svd_scale.engines import create
+    from svd_scale.training import training_arguments
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  weight_decay: 1e-2\n  lr: 3e-3\n  timeout_minutes: 2\n")  # YAML 1.1: strings
+    cfg = load_config(str(path), (f"train.output_dir={tmp_path / 'o'}",))
+    assert cfg.train.weight_decay == 0.01 and cfg.train.lr == 0.003
+    assert training_arguments(cfg, create(cfg)).ddp_timeout == 120
