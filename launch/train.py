@@ -18,7 +18,8 @@ from svd_scale.config import describe, load_config  # noqa: E402
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file from configs/")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                    help="continue from the newest complete checkpoint in train.output_dir, or from CHECKPOINT")
     ap.add_argument("--help-config", action="store_true", help="list every config key and exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. adapter.rank=64 train.lr=1e-2 method=sorsa")

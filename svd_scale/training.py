@@ -213,9 +213,10 @@ def _finish(cfg: RunConfig, trainer, model: nn.Module, result, metrics: dict, t0
         say(f"adapter saved to {out / 'adapter'}; metrics in {out / 'metrics.json'}")
 
 
-def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, keep: Optional[dict] = None) -> dict:
+def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Optional[dict] = None) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with an adapter; return (and write) metrics.
 
+    ``resume``: True (the newest complete checkpoint in ``train.output_dir``) or a checkpoint folder.
     ``adapt(model) -> model`` replaces ``svd_scale.apply`` (benchmarks use it to run
     the real PEFT library through the very same data, loop and evaluation); ``keep``,
     if given, receives the trained ``model`` and ``tokenizer`` (benchmarks score more splits)."""
@@ -224,7 +225,7 @@ def run(cfg: RunConfig, resume: bool = False, adapt: Optional[Callable] = None, 
     splits = load_splits(cfg.data, cfg.eval_data)
     engine = engines.create(cfg)
     engine.setup()
-    checkpoint = _latest_checkpoint(cfg.train.output_dir) if resume else None  # before any expensive work
+    checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None  # before any expensive work
     if checkpoint:
         engine.prepare_resume(checkpoint)
     args = training_arguments(cfg, engine)
@@ -286,15 +287,41 @@ def _dtypes(model: nn.Module, optimizer) -> dict:
     }
 
 
-def _latest_checkpoint(output_dir: str) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed (None: it is complete). The Trainer writes ``trainer_state.json``
+    after the model, optimizer and RNG state, so a readable one marks a finished save; the adapter's
+    training state must be there too."""
+    state = ckpt / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (its save was interrupted)"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "trainer_state.json is unreadable (its save was interrupted)"
+    if not (ckpt / RESUME_STATE).is_file():
+        return f"no {RESUME_STATE} (not written by svd_scale, or its save was interrupted)"
+    return None
 
+
+def find_checkpoint(output_dir: str, resume) -> str:
+    """The checkpoint ``--resume`` continues from: the given folder (``--resume PATH``), else the newest
+    complete ``checkpoint-N`` in ``output_dir``; newer incomplete ones are skipped, and said so."""
+    if isinstance(resume, str):
+        problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "no such folder"
+        if problem:
+            raise FileNotFoundError(f"--resume {resume}: cannot resume from it: {problem}")
+        return resume
     if not Path(output_dir).is_dir():
         raise FileNotFoundError(f"--resume: no output folder {output_dir!r} to resume from")
-    last = get_last_checkpoint(output_dir)
-    if last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir!r} (set train.save_steps)")
-    return last
+    found = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        say(f"--resume: skipping {ckpt}: {problem}")
+    raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir!r}"
+                            + (" (all were incomplete, see above)" if found else " (set train.save_steps)"))
 
 
 def _pct(x: Optional[float]) -> str:

@@ -136,3 +136,29 @@ def test_numbers_yaml_reads_as_strings_are_numbers_and_the_timeout_reaches_the_t
     cfg = load_config(str(path), (f"train.output_dir={tmp_path / 'o'}",))
     assert cfg.train.weight_decay == 0.01 and cfg.train.lr == 0.003
     assert training_arguments(cfg, create(cfg)).ddp_timeout == 120
+
+
+def test_resume_takes_the_newest_complete_checkpoint_or_the_one_named(tmp_path, capsys):
+    import shutil
+
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    out = tmp_path / "out"
+    cfg = load_config(None, (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=32",
+                             "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e-2",
+                             f"train.output_dir={out}"))
+    full = run(cfg)
+    (out / "checkpoint-3" / "trainer_state.json").unlink()  # a save killed before its last file
+    shutil.rmtree(out / "adapter")
+    resumed = run(cfg, resume=True)
+    assert "skipping " + str(out / "checkpoint-3") + ": no trainer_state.json" in capsys.readouterr().out
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert dict(resumed["losses"])[3] == pytest.approx(dict(full["losses"])[3], rel=1e-6)
+    named = run(cfg, resume=str(out / "checkpoint-1"))
+    assert named["resumed_from"].endswith("checkpoint-1")
+    assert dict(named["losses"])[2] == pytest.approx(dict(full["losses"])[2], rel=1e-6)
+    (out / "checkpoint-2" / "training_state.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2: cannot resume from it: no training_state"):
+        run(cfg, resume=str(out / "checkpoint-2"))
