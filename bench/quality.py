@@ -107,7 +107,7 @@ class Bench:
         over = [f"data={TASKS[task]}", f"train.output_dir={d}", f"train.max_steps={self.a.steps}",
                 f"train.batch_size={self.a.batch}", f"train.max_length={self.a.max_length}", f"train.lr={lr}",
                 f"train.seed={seed}", "train.logging_steps=2", f"train.eval_examples={n_eval}",
-                f"train.eval_split={split}", "train.eval_before=false"]
+                f"train.eval_split={split}", "train.eval_before=false", "train.overwrite=true"]
         over += [f"adapter.{k}={v}" for k, v in keys.items()]
         cfg = load_config(None, tuple(over))
         print(f"=== {task} {row} lr={lr:g} seed={seed} ({split})", flush=True)

@@ -184,6 +184,8 @@ class TrainConfig:
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
+    overwrite: bool = field(default=False, metadata={"help": "write into an output_dir that holds another run's results "
+                            "(files of the same names are replaced; nothing else is deleted)"})
     timeout_minutes: float = field(default=30.0, metadata={"help": "collective timeout: a rank that stops answering "
                                    "ends a multi-rank job after this long (torch.distributed / DeepSpeed)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})

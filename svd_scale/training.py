@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -222,14 +223,21 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     if given, receives the trained ``model`` and ``tokenizer`` (benchmarks score more splits)."""
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
+    check_output_dir(cfg, resume)  # before any expensive work, as the checkpoint search
     splits = load_splits(cfg.data, cfg.eval_data)
     engine = engines.create(cfg)
     engine.setup()
-    checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None  # before any expensive work
+    checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None
     if checkpoint:
         engine.prepare_resume(checkpoint)
     args = training_arguments(cfg, engine)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
+    with OutputLock(Path(cfg.train.output_dir)):
+        return _train(cfg, engine, args, splits, checkpoint, resume, adapt, keep, t0)
+
+
+def _train(cfg: RunConfig, engine, args, splits, checkpoint, resume, adapt, keep, t0: float) -> dict:
+    """``run`` once the output folder is ours: load and adapt, train, save."""
     test = _held_out(cfg, splits)
     metrics = _start_metrics(cfg, engine, adapt is not None)
     t_init = time.time()
@@ -285,6 +293,67 @@ def _dtypes(model: nn.Module, optimizer) -> dict:
         "frozen": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
         "optimizer": sorted({str(p.dtype) for p in masters}),
     }
+
+
+def check_output_dir(cfg: RunConfig, resume) -> None:
+    """A run does not silently write over another run's results: an ``output_dir`` that holds
+    checkpoints, an adapter or metrics needs ``--resume`` or ``train.overwrite=true`` (which replaces
+    files of the same names and deletes nothing)."""
+    out = Path(cfg.train.output_dir)
+    used = sorted(p.name for p in out.iterdir() if p.name in ("metrics.json", "adapter")
+                  or p.name.startswith("checkpoint-")) if out.is_dir() else []
+    if used and not resume and not cfg.train.overwrite:
+        raise FileExistsError(f"train.output_dir {str(out)!r} holds another run's results ({', '.join(used[:4])}"
+                              f"{' ...' if len(used) > 4 else ''}): pass --resume to continue it, choose another "
+                              "train.output_dir, or set train.overwrite=true to write over files of the same names")
+
+
+class OutputLock:
+    """Keeps two runs out of one ``output_dir``: rank 0 holds ``.svd_scale.lock`` (host, pid) for the
+    run's length. A lock left by a dead process on this host is taken over, and said so."""
+
+    NAME = ".svd_scale.lock"
+
+    def __init__(self, out: Path):
+        self.path, self.mine = out / self.NAME, False
+
+    def _stale(self) -> bool:
+        try:
+            info = json.loads(self.path.read_text())
+            host, pid = info["host"], int(info["pid"])
+        except (OSError, ValueError, KeyError):
+            return False  # being written: not stale
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+    def __enter__(self):
+        if not is_main():
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self._stale():
+            say(f"taking over {self.path}: the run that wrote it is gone")
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise RuntimeError(f"{self.path.parent} is in use by another run ({self.path.read_text().strip()}); wait "
+                               f"for it or choose another train.output_dir") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()}))
+        self.mine = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.mine:
+            self.path.unlink(missing_ok=True)
+        return False
 
 
 def checkpoint_problem(ckpt: Path) -> Optional[str]:

@@ -3,7 +3,6 @@ refused, non-finite adapters never written, loaded or half-merged, and a divergi
 the step it diverged."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +161,33 @@ def test_resume_takes_the_newest_complete_checkpoint_or_the_one_named(tmp_path, 
     (out / "checkpoint-2" / "training_state.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2: cannot resume from it: no training_state"):
         run(cfg, resume=str(out / "checkpoint-2"))
+
+
+def test_a_used_output_dir_needs_resume_or_overwrite_and_one_run_at_a_time(tmp_path):
+    import subprocess
+    import sys
+
+    from svd_scale.config import load_config
+    from svd_scale.training import OutputLock, run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    out = tmp_path / "out"
+    args = (f"model={model}", "rank=4", "train.max_steps=1", "train.batch_size=2", "train.max_length=32",
+            "train.eval_examples=0", f"train.output_dir={out}")
+    first = run(load_config(None, args))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds another run's results \(adapter, metrics.json\).*train.overwrite=true"):
+        run(load_config(None, args))
+    again = run(load_config(None, (*args, "train.overwrite=true")))
+    assert again["losses"] == first["losses"] and (out / "notes.txt").read_text() == "mine"
+    assert not (out / OutputLock.NAME).exists()  # released at the end
+    # a live run holds the folder: a second one is refused, naming the holder
+    lock = out / OutputLock.NAME
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": os.getpid(), "since": "now"}))
+    with pytest.raises(RuntimeError, match=r"is in use by another run .*\"pid\": %d" % os.getpid()):
+        run(load_config(None, (*args, "train.overwrite=true")))
+    # a lock left by a process that is gone is taken over
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": int(gone.stdout), "since": "then"}))
+    run(load_config(None, (*args, "train.overwrite=true")))
+    assert not lock.exists()
