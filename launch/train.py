@@ -27,6 +27,9 @@ def main(argv=None) -> None:
     if args.help_config:
         print(describe())
         return
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a folder
+        args.overrides.insert(0, args.resume)
+        args.resume = True
     cfg = load_config(args.config, tuple(args.overrides))  # every check runs here, before any model loads
 
     from svd_scale.training import run

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -52,8 +54,21 @@ def _typed(obj, section: str) -> None:
             if number is None or not math.isfinite(number):
                 raise ValueError(f"{key} must be a finite number, got {value!r}")
             setattr(obj, f.name, number)
-        elif kind in ("str", "Optional[str]") and not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
+        elif kind in ("str", "Optional[str]"):
+            if isinstance(value, os.PathLike) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                setattr(obj, f.name, os.fspath(value) if isinstance(value, os.PathLike) else str(value))
+            elif not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {value!r}")
+
+
+def _number_or_same(value: Any) -> Any:
+    """A method option written as ``1e-3`` (a string to YAML 1.1) is the number; other values unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -105,7 +120,7 @@ class AdapterConfig:
                              f"adapter.quant={self.quant!r} is not quantized (use e.g. nf4)")
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise ValueError(f"adapter.target_modules must be 'all-linear', a regex or a non-empty list, got {self.target_modules!r}")
-        self.options = {k: v for k, v in dict(self.options or {}).items() if v is not None}
+        self.options = {k: _number_or_same(v) for k, v in dict(self.options or {}).items() if v is not None}
         validate_options(self.method, self.options)
 
     def __getattr__(self, name: str):
@@ -240,7 +255,8 @@ _SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig}
 
 def _coerce(value: str) -> Any:
     """Parse an override's value the way YAML would (numbers, bools, lists, null)."""
-    return yaml.safe_load(value) if value != "" else ""
+    parsed = yaml.safe_load(value) if value != "" else ""
+    return value if isinstance(parsed, (datetime.date, datetime.datetime)) else parsed  # a folder named 2025-01-15
 
 
 def _section_keys(cls) -> set:

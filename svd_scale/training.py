@@ -60,7 +60,9 @@ class SVDTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The divergence guard: a non-finite loss on any rank stops every rank at this step, before
-        anything is written from it (the checkpoints before it are kept)."""
+        anything is written from it (the checkpoints before it are kept). Under DeepSpeed the optimizer
+        step of an accumulation boundary runs inside ``backward``, so the model in memory has taken
+        that step already: do not keep training it after this error."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
         if world()[1] > 1:
@@ -147,7 +149,7 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not is_main(),
-        ddp_timeout=int(round(60 * t.timeout_minutes)),
+        ddp_timeout=max(1, int(round(60 * t.timeout_minutes))),
         **engine.trainer_arguments(),
     )
 
@@ -321,10 +323,12 @@ class OutputLock:
         try:
             info = json.loads(self.path.read_text())
             host, pid = info["host"], int(info["pid"])
-        except (OSError, ValueError, KeyError):
-            return False  # being written: not stale
+        except (OSError, ValueError, KeyError):  # unreadable: being written, or its writer died mid-write
+            return time.time() - self.path.stat().st_mtime > 60
         if host != socket.gethostname():
             return False
+        if pid == os.getpid():  # a restarted container reuses pids: this process cannot hold it already
+            return True
         try:
             os.kill(pid, 0)
             return False
@@ -333,9 +337,8 @@ class OutputLock:
         except PermissionError:
             return False
 
-    def __enter__(self):
-        if not is_main():
-            return self
+    def _take(self) -> Optional[str]:
+        """Rank 0: create the lock; the reason it could not (None: taken)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self._stale():
             say(f"taking over {self.path}: the run that wrote it is gone")
@@ -343,11 +346,19 @@ class OutputLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            raise RuntimeError(f"{self.path.parent} is in use by another run ({self.path.read_text().strip()}); wait "
-                               f"for it or choose another train.output_dir") from None
+            return (f"{self.path.parent} is in use by another run ({self.path.read_text().strip()}); wait for it, "
+                    f"choose another train.output_dir, or delete {self.path} if that run is gone")
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()}))
         self.mine = True
+        return None
+
+    def __enter__(self):
+        problem = [self._take() if is_main() else None]
+        if world()[1] > 1:  # every rank stops, not rank 0 alone
+            torch.distributed.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise RuntimeError(problem[0])
         return self
 
     def __exit__(self, *exc):

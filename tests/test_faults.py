@@ -3,6 +3,7 @@ refused, non-finite adapters never written, loaded or half-merged, and a divergi
 the step it diverged."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,11 +184,39 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_one_run_at_a_time(tmp_p
     assert not (out / OutputLock.NAME).exists()  # released at the end
     # a live run holds the folder: a second one is refused, naming the holder
     lock = out / OutputLock.NAME
-    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": os.getpid(), "since": "now"}))
-    with pytest.raises(RuntimeError, match=r"is in use by another run .*\"pid\": %d" % os.getpid()):
-        run(load_config(None, (*args, "train.overwrite=true")))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": live.pid, "since": "now"}))
+        with pytest.raises(RuntimeError, match=r"is in use by another run .*\"pid\": %d" % live.pid):
+            run(load_config(None, (*args, "train.overwrite=true")))
+    finally:
+        live.kill()
+        live.wait()
     # a lock left by a process that is gone is taken over
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": int(gone.stdout), "since": "then"}))
     run(load_config(None, (*args, "train.overwrite=true")))
     assert not lock.exists()
+
+
+def test_config_reads_paths_dates_and_option_numbers_as_a_user_means_them(tmp_path):
+    from svd_scale.config import TrainConfig, load_config
+
+    assert TrainConfig(output_dir=tmp_path / "o").output_dir == str(tmp_path / "o")
+    assert load_config(None, ("train.output_dir=2025-01-15",)).train.output_dir == "2025-01-15"
+    assert load_config(None, ("train.output_dir=2024",)).train.output_dir == "2024"
+    assert load_config(None, ("method=sorsa", "adapter.gamma=1e-3")).adapter.gamma == 0.001
+    with pytest.raises(ValueError, match=r"train.output_dir must be a string, got True"):
+        load_config(None, ("train.output_dir=true",))
+
+
+def test_resume_flag_followed_by_an_override_is_still_an_override(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import train as launcher
+
+    seen = {}
+    monkeypatch.setattr("svd_scale.training.run", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
+    launcher.main(["--resume", "train.max_steps=7"])
+    assert seen["resume"] is True and seen["cfg"].train.max_steps == 7

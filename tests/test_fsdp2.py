@@ -154,11 +154,11 @@ def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, s
     assert_same_adapter(ref_out / "adapter", out / "adapter", atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("key", ["nf4", "nf4_dq"], ids=["nf4", "double_quant"])
+@pytest.mark.parametrize("key", ["nf4", "nf4_dq", "nf4_bias"], ids=["nf4", "double_quant", "with_biases"])
 def test_nf4_residual_is_sharded_and_equals_the_one_process_bitsandbytes_model(job, key):
     """quant: nf4 under FSDP2 (also with double_quant): the packed codes and block scales are
     partitioned like any parameter, and the model computes what one process's bnb Linear4bit
-    model computes."""
+    model computes (with biases on every projection too: they come from the checkpoint)."""
     world = job[0]["world"]
     for f in job:
         n = f[key]

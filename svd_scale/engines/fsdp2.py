@@ -219,7 +219,7 @@ def _fill_from_checkpoint(model: nn.Module, files: list, path: str) -> None:
     from safetensors import safe_open
 
     adapter_params = {id(p) for _, layer in adapter_layers(model) for p in layer.tensors().values()}
-    skip = {id(p) for m in model.modules() if getattr(m, "filled_at_init", False) for p in m.parameters()}
+    skip = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "filled_at_init", ()) if hasattr(m, n)}
     wanted: dict[str, list] = {}  # checkpoint key -> local parameters to fill
     for n, p in model.named_parameters():
         if id(p) not in adapter_params and id(p) not in skip:

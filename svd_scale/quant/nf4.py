@@ -116,8 +116,8 @@ class ShardableNF4Linear(nn.Module):
     QuantState is rebuilt around the gathered tensors in ``forward``; bitsandbytes does the matmul.
     """
 
-    #: its parameters are written by the adapter init, not read from the base checkpoint
-    filled_at_init = True
+    #: the parameters the adapter init writes (the bias is read from the base checkpoint as usual)
+    filled_at_init = ("weight", "absmax", "absmax2")
 
     def __init__(self, out_f: int, in_f: int, compute_dtype: torch.dtype, bias: "nn.Parameter | None" = None,
                  device=None, double_quant: bool = False):

@@ -123,10 +123,11 @@ def nf4_checks(a, facts: dict, data: list, base_logits, rank: int, world: int) -
     """NF4 residual (and with double quantization): codes and block scales sharded, equal to one
     process's bitsandbytes Linear4bit model."""
     x0 = data[0]
-    for key, dq in (("nf4", False), ("nf4_dq", True)):
+    biased = _biased_copy(a.model, Path(a.out) / "biased_model")  # biases are read from the checkpoint, not the init
+    for key, dq, path in (("nf4", False, a.model), ("nf4_dq", True, a.model), ("nf4_bias", False, biased)):
         cfg = svd_scale.AdapterConfig(rank=4, svd="full", quant="nf4", quant_iters=1, double_quant=dq)  # T=1: test_zero3's note
-        ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), cfg)
-        model = fsdp.load_sharded(a.model, cfg)
+        ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), cfg)
+        model = fsdp.load_sharded(path, cfg)
         with torch.no_grad():
             ref_logits, got_logits = ref(input_ids=x0).logits, model(input_ids=x0).logits
         loc4 = tot4 = 0
@@ -140,6 +141,24 @@ def nf4_checks(a, facts: dict, data: list, base_logits, rank: int, world: int) -
                       "logits_vs_base": (got_logits - base_logits).abs().max().item(),
                       "losses": losses, "ref_losses": ref_losses,
                       "base_layer": type(next(svd_scale.inject.adapter_layers(model))[1].base_layer).__name__}
+
+
+def _biased_copy(model_dir: str, out: Path) -> str:
+    """The job's model with biases on every projection (rank 0 writes it)."""
+    from transformers import AutoConfig
+
+    if dist.get_rank() == 0:
+        cfg = AutoConfig.from_pretrained(model_dir)
+        cfg.attention_bias = cfg.mlp_bias = True
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.uniform_(-0.5, 0.5)
+        model.save_pretrained(out)
+    dist.barrier()
+    return str(out)
 
 
 def user_script(a, facts: dict, data: list, rank: int, world: int) -> None:
