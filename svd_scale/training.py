@@ -234,6 +234,7 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
         engine.prepare_resume(checkpoint)
     args = training_arguments(cfg, engine)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
+    check_same_config(cfg)
     with OutputLock(Path(cfg.train.output_dir)):
         return _train(cfg, engine, args, splits, checkpoint, resume, adapt, keep, t0)
 
@@ -295,6 +296,33 @@ def _dtypes(model: nn.Module, optimizer) -> dict:
         "frozen": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
         "optimizer": sorted({str(p.dtype) for p in masters}),
     }
+
+
+def config_differences(configs: list) -> dict:
+    """Keys (dotted) whose values differ between ranks' configs -> each rank's value."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: json.dumps(v, sort_keys=True)})
+        return out
+
+    flats = [flat(c) for c in configs]
+    keys = sorted(set().union(*flats))
+    return {k: [f.get(k) for f in flats] for k in keys if len({f.get(k) for f in flats}) > 1}
+
+
+def check_same_config(cfg: RunConfig) -> None:
+    """Every rank of a job must run the same configuration (a rank launched with another rank or lr
+    would fail late or train silently wrong): gathered once, compared, refused on every rank."""
+    if world()[1] == 1:
+        return
+    every = [None] * world()[1]
+    torch.distributed.all_gather_object(every, cfg.to_dict())
+    diff = config_differences(every)
+    if diff:
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v}" for r, v in enumerate(vals)) for k, vals in list(diff.items())[:5])
+        raise ValueError(f"the ranks of this job were started with different configurations ({shown}); launch every "
+                         "rank with the same config file and overrides")
 
 
 def check_output_dir(cfg: RunConfig, resume) -> None:

@@ -220,3 +220,13 @@ def test_resume_flag_followed_by_an_override_is_still_an_override(monkeypatch):
     monkeypatch.setattr("svd_scale.training.run", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
     launcher.main(["--resume", "train.max_steps=7"])
     assert seen["resume"] is True and seen["cfg"].train.max_steps == 7
+
+
+def test_ranks_with_different_configurations_are_named():
+    from svd_scale.config import load_config
+    from svd_scale.training import config_differences
+
+    a = load_config(None, ("rank=8", "train.lr=1e-2")).to_dict()
+    b = load_config(None, ("rank=16", "train.lr=1e-2")).to_dict()
+    assert config_differences([a, a]) == {}
+    assert config_differences([a, b, a]) == {"adapter.rank": ["8", "16", "8"]}
