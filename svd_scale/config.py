@@ -47,13 +47,10 @@ def _typed(obj, section: str) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{key} must be a whole number, got {value!r}")
         elif "float" in kind:
-            try:
-                number = float(value) if not isinstance(value, bool) else None
-            except (TypeError, ValueError):
-                number = None
-            if number is None or not math.isfinite(number):
+            number = _number_or_same(value)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 raise ValueError(f"{key} must be a finite number, got {value!r}")
-            setattr(obj, f.name, number)
+            setattr(obj, f.name, float(number))
         elif kind in ("str", "Optional[str]"):
             if isinstance(value, os.PathLike) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 setattr(obj, f.name, os.fspath(value) if isinstance(value, os.PathLike) else str(value))

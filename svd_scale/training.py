@@ -170,8 +170,8 @@ class EvalCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if self.before and "accuracy_before" not in self.metrics:
-            quantized = getattr(getattr(model, "svd_scale_config", None), "storage", None)
-            note = "quantized residual" if quantized and quantized().quantized else "= base model"
+            cfg = getattr(model, "svd_scale_config", None)  # None for a custom adapt() (PEFT baselines)
+            note = "quantized residual" if cfg is not None and cfg.storage().quantized else "= base model"
             self._score(model, "accuracy_before", f"held-out accuracy at init ({note}): ")
 
     def on_step_begin(self, args, state, control, model=None, **kw):

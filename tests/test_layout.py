@@ -71,10 +71,11 @@ def test_nothing_in_the_project_points_to_notes_outside_it():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     bad = []
     for f in files:
-        if f == "tests/test_layout.py" or not f.endswith((".py", ".md", ".yaml", ".json", ".cfg", ".sh", ".toml")):
+        if not f.endswith((".py", ".md", ".yaml", ".json", ".cfg", ".sh", ".toml")):
             continue
         text = (ROOT / f).read_text(errors="ignore")
-        for needle in ("../shared", "shared/METHODS", "shared/DATA", "METHODS.md", "DATA.md", "STYLE.md", "ZERO3.md"):
+        # spelled in pieces so that this file does not match a search for them itself
+        for needle in (".." + "/shared", "shared" + "/", "METHODS" + ".md", "DATA" + ".md", "STYLE" + ".md", "ZERO3" + ".md"):
             if needle in text:
                 bad.append(f"{f}: {needle}")
     assert not bad, bad

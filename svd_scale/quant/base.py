@@ -89,6 +89,4 @@ class DenseStorage(ResidualStorage):
 
     @classmethod
     def plain(cls, module, W, dtype):
-        with torch.no_grad():
-            module.weight.data.copy_(from_out_in(module, W).to(module.weight.dtype))
-        return module
+        return cls().build(module, W, dtype)  # the merged weight goes where the residual was
