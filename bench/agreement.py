@@ -103,7 +103,7 @@ def compare(a: Path, b: Path, write: str = None) -> None:
     la, lb = (json.loads((p / "losses.json").read_text()) for p in (a, b))
     ta, tb = torch.tensor(la["losses"]), torch.tensor(lb["losses"])
     rel = ((ta - tb).abs() / ta.abs()).max().item()
-    wa, wb = (load_file(str(p / "adapter" / "adapter.safetensors")) for p in (a, b))
+    wa, wb = (load_file(str(p / "adapter" / "svd_scale_adapter.safetensors")) for p in (a, b))
     adapter = max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max().clamp_min(1e-12)).item() for k in wa)
     lines = [f"# Agreement: {la.get('engine', 'fsdp2')} on {la['world']} vs {lb.get('engine', 'fsdp2')} on {lb['world']} GPU(s), {STEPS} steps", "",
              f"- device: {la['device']}; date {datetime.date.today()}",

@@ -14,12 +14,13 @@ sharded or 4-bit path is used.
 from . import engines  # noqa: F401  (registers the ZeRO-3 and FSDP2 weight accesses)
 from .config import AdapterConfig, RunConfig, TrainConfig, load_config
 from .inject import adapter_layers, apply, parameter_counts
+from .export import export_merged, export_peft
 from .io import load_adapter, merge_and_unload, save_adapter
 from .layer import AdapterLayer, Option, Role
 from .losses import regularization_loss
 from .methods import METHODS, register_method
 
 __all__ = ["AdapterConfig", "TrainConfig", "RunConfig", "load_config", "apply", "adapter_layers", "parameter_counts",
-           "save_adapter", "load_adapter", "merge_and_unload", "AdapterLayer", "Option", "Role", "METHODS",
+           "save_adapter", "load_adapter", "merge_and_unload", "export_peft", "export_merged", "AdapterLayer", "Option", "Role", "METHODS",
            "register_method", "regularization_loss"]
 __version__ = "0.1.0"

@@ -1,15 +1,22 @@
 """Adapters on disk, and merging back into a plain Hugging Face model.
 
-An adapter folder holds ``adapter_config.json`` (the AdapterConfig, the adapted
-module names with their ranks and shapes) and ``adapter.safetensors`` (every
-TRAINABLE, FACTOR and INIT tensor, trainables in fp32). Loading never recomputes an
-SVD: the residual is rebuilt as ``W - removed(saved tensors)`` by the same code
-that built it at init, so outputs match bit for bit.
+An adapter folder holds ``svd_scale_adapter.json`` (the AdapterConfig, the adapted module names with
+their ranks and shapes, the base model's name and fingerprint) and ``svd_scale_adapter.safetensors``
+(every TRAINABLE, FACTOR and INIT tensor, trainables in fp32). The names are the project's own, so no
+tool mistakes the folder for a PEFT adapter (``svd_scale.export_peft`` writes one of those); folders
+written before 0.2 (``adapter_config.json`` + ``adapter.safetensors``) are still read. Loading never
+recomputes an SVD: the residual is rebuilt as ``W - removed(saved tensors)`` by the same code that
+built it at init, so outputs match bit for bit.
 
 Saving writes only these two files into the folder (never deleting anything else there): each is
 written under a temporary name and renamed into place, the weights first. Both carry the same random
 ``save_id``, so a pair from two different saves (a save interrupted between the renames) is refused
 when loading. Non-finite tensors are never written, never loaded, and never merged.
+
+An adapter proves itself when loaded: every tensor the config's method and layer list expect is
+present with its shape, and no tensor is left unused (an edited method or a dropped layer entry is
+refused); the base model must match the fingerprint taken when saving (rows of the input embedding,
+which no adapter changes). A PEFT LoRA folder loads as the ``lora`` method (``peft_format``).
 """
 from __future__ import annotations
 
@@ -23,16 +30,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import peft_format
 from .access import WeightAccess, full_value, is_main
 from .config import AdapterConfig
 from .inject import _set_module, adapter_layers, apply
-from .layer import TrainingState, is_linear_like, logical_shape
+from .layer import TrainingState, is_conv1d, is_linear_like, logical_shape
 from .methods import get_method
 from .quant import storage_of
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "svd_scale_adapter.json"
+WEIGHTS_NAME = "svd_scale_adapter.safetensors"
+LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter.safetensors"  # before 0.2: read only
 FORMAT_VERSION = 1
+FINGERPRINT_RTOL = 5e-3  # a bf16 copy of the same base stays far inside; another model does not
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,6 +67,35 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_fingerprint(model: nn.Module) -> Optional[dict]:
+    """Eight rows of the input embedding (which no adapter changes): their norms and sums, in float64.
+    Collective under ZeRO-3/FSDP2 (gathers the embedding). None for a model without one."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor):
+        return None
+    W = full_value(emb.weight)
+    rows = sorted({round(i * (W.shape[0] - 1) / 7) for i in range(8)})
+    R = W[rows].double()
+    return {"embedding_shape": list(W.shape), "rows": rows,
+            "row_norms": R.norm(dim=1).tolist(), "row_sums": R.sum(dim=1).tolist()}
+
+
+def fingerprint_mismatch(saved: dict, found: Optional[dict]) -> Optional[str]:
+    """What differs between two :func:`base_fingerprint` values (None: the same base, up to the
+    rounding of a bf16/fp32 copy)."""
+    if found is None:
+        return "the base model has no input embedding to compare"
+    if saved["embedding_shape"] != found["embedding_shape"]:
+        return f"input embedding {saved['embedding_shape']} when saved, {found['embedding_shape']} now"
+    for i, row in enumerate(saved["rows"]):
+        n0, n1 = saved["row_norms"][i], found["row_norms"][i]
+        s0, s1 = saved["row_sums"][i], found["row_sums"][i]
+        if abs(n0 - n1) > FINGERPRINT_RTOL * abs(n0) or abs(s0 - s1) > FINGERPRINT_RTOL * max(abs(n0), 1e-12) * 4:
+            return f"input embedding row {row}: norm {n0:.6g} / sum {s0:.6g} when saved, {n1:.6g} / {s1:.6g} now"
+    return None
+
+
 def _saved_rank(layer, name: str, state: dict) -> int:
     """The rank of a layer's tensors as saved: find an axis that grows with r in the
     method's declared shapes and read its size."""
@@ -75,8 +114,11 @@ def _adapter_meta(model: nn.Module, state: dict) -> dict:
     for n, l in adapter_layers(model):
         rank = _saved_rank(l, n, state)  # an export (SaLoRA) may have pruned components
         layers[n] = {"rank": int(rank), "shape": [l.out_features, l.in_features]}
+        if is_conv1d(l.base_layer):
+            layers[n]["conv1d"] = True  # stored in x out in the base checkpoint (GPT-2)
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base}
+    return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base,
+            "base_fingerprint": base_fingerprint(model)}
 
 
 def non_finite(tensors: dict) -> list[str]:
@@ -102,21 +144,23 @@ def _remove_leftovers(target: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
+def save_adapter(model: nn.Module, directory: str, info: Optional[dict] = None) -> Optional[str]:
     """Write the adapter of ``model`` into ``directory`` (module docstring: two files, each renamed
-    into place; anything else in the folder is left alone). Collective under ZeRO-3/FSDP2: call it
-    on every rank; rank 0 writes. Returns the folder on the writer."""
+    into place; anything else in the folder is left alone). ``info`` (e.g. the data and steps of the
+    run) is kept in the config for model cards. Collective under ZeRO-3/FSDP2: call it on every rank;
+    rank 0 writes. Returns the folder on the writer."""
     if not any(True for _ in adapter_layers(model)):
         raise ValueError("model has no svd_scale adapters to save")
     state = adapter_state_dict(model)
     _refuse_non_finite(state, f"save_adapter({directory!r})")  # every rank holds the same state: all raise
+    meta = _adapter_meta(model, state)  # collective (fingerprint)
     if not is_main():
         return None
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
     save_id = uuid.uuid4().hex
-    meta = {**_adapter_meta(model, state), "save_id": save_id}
+    meta.update(save_id=save_id, **({"training": info} if info else {}))
     weights, config = target / _temp_name(WEIGHTS_NAME, save_id), target / _temp_name(CONFIG_NAME, save_id)
     save_file(state, str(weights), metadata={"format": str(FORMAT_VERSION), "save_id": save_id})
     config.write_text(json.dumps(meta, indent=2))
@@ -125,42 +169,86 @@ def save_adapter(model: nn.Module, directory: str) -> Optional[str]:
     return str(target)
 
 
+def adapter_files(directory: str) -> tuple[Path, Path]:
+    """The (config, weights) files of an svd_scale adapter folder, current or pre-0.2 names; a PEFT
+    folder or anything else is refused naming what it is."""
+    d = Path(directory)
+    if (d / CONFIG_NAME).is_file():
+        return d / CONFIG_NAME, d / WEIGHTS_NAME
+    legacy = d / LEGACY_CONFIG_NAME
+    if legacy.is_file():
+        try:
+            conf = json.loads(legacy.read_text())
+        except ValueError as e:
+            raise ValueError(f"{legacy}: not valid JSON ({e})") from None
+        if "peft_type" in conf:
+            raise ValueError(f"{directory!r} is a PEFT {conf['peft_type']} adapter, not an svd_scale one")
+        return legacy, d / LEGACY_WEIGHTS_NAME
+    raise FileNotFoundError(f"{directory!r} is not an svd_scale adapter folder (no {CONFIG_NAME})")
+
+
 def read_adapter_config(directory: str) -> tuple[AdapterConfig, dict]:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory!r} is not an svd_scale adapter folder (no {CONFIG_NAME})")
-    meta = json.loads(path.read_text())
+    path, _ = adapter_files(directory)
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
     return AdapterConfig.from_dict(meta["adapter"]), meta
 
 
+def read_adapter(directory: str) -> tuple[AdapterConfig, dict, dict]:
+    """(config, meta, tensors) of a saved svd_scale adapter, after the save-pair and finiteness checks."""
+    from safetensors import safe_open
+
+    cfg, meta = read_adapter_config(directory)
+    _, path = adapter_files(directory)
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: {path.name} is missing (the adapter's tensors)")
+    with safe_open(str(path), framework="pt") as f:
+        file_id = (f.metadata() or {}).get("save_id")
+    if meta.get("save_id") != file_id:
+        raise ValueError(f"{directory}: its config and {path.name} come from different saves "
+                         f"({meta.get('save_id')} vs {file_id}); a save was interrupted -- save again")
+    state = load_file(str(path))
+    _refuse_non_finite(state, f"load_adapter({directory!r})")
+    return cfg, meta, state
+
+
 class SavedAdapter:
     """The value source of :func:`load_adapter` (see ``inject.apply``): the targets are the layers
     the file names, each with its saved rank; the values are the saved tensors. Every shape is
-    checked against the base before anything changes; a mismatch names the layer."""
+    checked against the base, and every tensor must be used, before anything changes."""
 
-    def __init__(self, directory: str, cfg: AdapterConfig, meta: dict):
-        from safetensors import safe_open
+    def __init__(self, directory: str, cfg: AdapterConfig, layers_meta: dict, state: dict, meta: Optional[dict] = None):
+        self.directory, self.cfg, self.layers_meta, self.state = directory, cfg, layers_meta, state
+        self.meta = meta or {}  # base_model_name_or_path and base_fingerprint, checked when present
 
-        self.directory, self.cfg, self.layers_meta = directory, cfg, meta["layers"]
-        path = str(Path(directory) / WEIGHTS_NAME)
-        with safe_open(path, framework="pt") as f:
-            file_id = (f.metadata() or {}).get("save_id")
-        if meta.get("save_id") != file_id:
-            raise ValueError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves "
-                             f"({meta.get('save_id')} vs {file_id}); a save was interrupted -- save again")
-        self.state = load_file(path)
-        _refuse_non_finite(self.state, f"load_adapter({directory!r})")
+    def _check_base(self, model: nn.Module) -> None:
+        saved = self.meta.get("base_fingerprint")
+        problem = fingerprint_mismatch(saved, base_fingerprint(model)) if saved else None
+        if problem:
+            raise ValueError(f"{self.directory}: the adapter was trained on another base model "
+                             f"({self.meta.get('base_model_name_or_path')!r}): {problem}. Load the base it was "
+                             "trained on, or pass check_base=False if you are sure")
 
     def _check_tensors(self) -> None:
         cls = get_method(self.cfg.method)
         opts = {**self.cfg.method_options(), "config_rank": self.cfg.rank}
+        expected = set()
         for name, info in self.layers_meta.items():
             for t, shape in cls.shapes(*info["shape"], int(info["rank"]), opts).items():
                 key = f"{name}.{t}"
+                expected.add(key)
                 if key not in self.state or tuple(self.state[key].shape) != tuple(shape):
-                    raise ValueError(f"{self.directory}: tensor {key} missing or of the wrong shape (expected {tuple(shape)})")
+                    raise ValueError(f"{self.directory}: tensor {key} missing or of the wrong shape (expected "
+                                     f"{tuple(shape)} for method {self.cfg.method!r})")
+        unused = sorted(set(self.state) - expected)
+        if unused:
+            raise ValueError(f"{self.directory}: {len(unused)} tensors are not used by method {self.cfg.method!r} on "
+                             f"the {len(self.layers_meta)} layers its config lists (first: {unused[:3]}); the config "
+                             "was edited or the files do not belong together -- refusing a partial load")
 
     def plan(self, model: nn.Module) -> tuple[list, dict]:
         modules = dict(model.named_modules())
@@ -174,6 +262,7 @@ class SavedAdapter:
                                 f"{logical_shape(m)[0]}x{logical_shape(m)[1]}")
         if not problems:
             self._check_tensors()
+            self._check_base(model)
         if problems:
             raise ValueError(f"adapter at {self.directory!r} does not fit {type(model).__name__}:\n  "
                              + "\n  ".join(problems[:10])
@@ -184,11 +273,19 @@ class SavedAdapter:
         return {t: self.state[f"{name}.{t}"] for t in layer.tensors()}
 
 
-def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAccess] = None) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAccess] = None,
+                 check_base: bool = True) -> nn.Module:
     """Put a saved adapter onto a fresh base model (in place), through the same pipeline as
-    ``apply`` with the saved tensors as the source: no SVD, exact outputs."""
-    cfg, meta = read_adapter_config(directory)
-    return apply(model, cfg, source=SavedAdapter(directory, cfg, meta), access=access)
+    ``apply`` with the saved tensors as the source: no SVD, exact outputs. A PEFT LoRA folder is
+    read as the ``lora`` method. ``check_base=False`` skips the base-model fingerprint check (module
+    docstring) -- only for a base you know is the one the adapter was trained on."""
+    if peft_format.is_peft_folder(directory):
+        cfg, layers_meta, state = peft_format.read_lora(directory)
+        return apply(model, cfg, source=SavedAdapter(directory, cfg, layers_meta, state), access=access)
+    cfg, meta, state = read_adapter(directory)
+    if not check_base:
+        meta = {k: v for k, v in meta.items() if k != "base_fingerprint"}
+    return apply(model, cfg, source=SavedAdapter(directory, cfg, meta["layers"], state, meta), access=access)
 
 
 def merged_weight(layer) -> torch.Tensor:

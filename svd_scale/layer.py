@@ -175,6 +175,13 @@ class AdapterLayer(nn.Module):
         return t
 
     @classmethod
+    def as_low_rank(cls, t: dict[str, torch.Tensor], opts: dict) -> Optional[tuple]:
+        """The layer's map over the ORIGINAL weight as ``scale * (W + B A)`` (per output row), for exports
+        to PEFT: ``(B, A, scale)`` in the tensors' dtype, ``scale`` None when there is none. None: no such
+        form (an export then factors the dense change ``merge(residual(W)) - W``, approximately)."""
+        return None
+
+    @classmethod
     def has_regularizer(cls) -> bool:
         """Whether the method adds an extra loss (it overrides either regularizer hook)."""
         return (cls.regularizer is not AdapterLayer.regularizer

@@ -129,3 +129,20 @@ def residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
     """
     A = _as_compute(W)
     return A - (U.to(A.dtype) * S.to(A.dtype)) @ Vh.to(A.dtype)
+
+
+def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> SVD:
+    """The exact thin SVD of ``B @ A`` (out x k times k x in) without forming it: QR of ``B`` and
+    ``A^T``, then the SVD of the k x k core (O((out + in) k^2)). Used to shorten an exported LoRA."""
+    Qb, Rb = torch.linalg.qr(_as_compute(B))
+    Qa, Ra = torch.linalg.qr(_as_compute(A).mT)
+    u, s, vh = torch.linalg.svd(Rb @ Ra.mT)
+    return SVD(Qb @ u, s, vh @ Qa.mT)
+
+
+def best_rank(D: SVD, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors ``(B, A)`` of the first ``k`` triplets of ``D`` and the relative Frobenius error
+    ``||D - B A|| / ||D||`` that the dropped ones leave (Eckart-Young, when ``D`` is exact)."""
+    total = float(D.S.pow(2).sum())
+    err = (float(D.S[k:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    return D.U[:, :k] * D.S[:k], D.Vh[:k], err

@@ -57,7 +57,7 @@ def assert_same_adapter(dir_a, dir_b, atol: float, rtol: float) -> None:
     """Two saved adapters (``<dir>/adapter.safetensors``) hold the same tensor names and values."""
     from safetensors.torch import load_file
 
-    x, y = (load_file(str(Path(d) / "adapter.safetensors")) for d in (dir_a, dir_b))
+    x, y = (load_file(str(Path(d) / "svd_scale_adapter.safetensors")) for d in (dir_a, dir_b))
     assert sorted(x) == sorted(y)
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=atol, rtol=rtol)

@@ -21,7 +21,7 @@ def test_compiled_blocks_train_like_eager_and_export_the_same_adapter(tmp_path):
     a, b = (torch.tensor([l for _, l in m["losses"]]) for m in (eager, compiled))
     assert len(a) == 4 and (a[0] != a[-1])  # it trained
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
-    x, y = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("eager", "compiled"))
+    x, y = (load_file(str(tmp_path / d / "adapter" / "svd_scale_adapter.safetensors")) for d in ("eager", "compiled"))
     assert sorted(x) == sorted(y)
     for k in x:
         torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6)

@@ -97,9 +97,9 @@ def test_save_load_round_trip_is_exact(make, tokens, tmp_path):
     _perturb(model)
     expected = model(tokens).logits
     svd_scale.save_adapter(model, str(tmp_path / "ad"))
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["svd_scale_adapter.json", "svd_scale_adapter.safetensors"]
     from safetensors.torch import load_file
-    state = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    state = load_file(str(tmp_path / "ad" / "svd_scale_adapter.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
     # a fresh base, and an SVD that must not run: loading reuses the saved factors
     fresh = make()

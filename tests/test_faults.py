@@ -25,7 +25,7 @@ def test_save_adapter_keeps_everything_else_in_the_folder(tmp_path):
     svd_scale.save_adapter(_adapted(), str(out))
     svd_scale.save_adapter(_adapted(), str(out))  # and again over its own files
     assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint-5" / "trainer_state.json").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json", "checkpoint-5", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "notes.txt", "svd_scale_adapter.json", "svd_scale_adapter.safetensors"]
     svd_scale.load_adapter(tiny_llama(), str(out))
 
 

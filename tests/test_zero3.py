@@ -118,7 +118,7 @@ def test_a_users_own_deepspeed_script_gets_single_process_factors_and_steps(job,
         torch.stack(losses).mean().backward()
         opt.step()
         opt.zero_grad()
-    saved = load_file(str(out / "user_adapter" / "adapter.safetensors"))
+    saved = load_file(str(out / "user_adapter" / "svd_scale_adapter.safetensors"))
     for k, v in adapter_state_dict(ref).items():
         torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-4)
 
@@ -156,8 +156,8 @@ def test_losses_match_a_single_process_run(job, single):
 def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single):
     world, out = job
     adapter = out / ("adapter_uninterrupted" if (out / "adapter_uninterrupted").exists() else "train/adapter")
-    got = load_file(str(adapter / "adapter.safetensors"))
-    ref = load_file(str(single[world][1] / "adapter" / "adapter.safetensors"))
+    got = load_file(str(adapter / "svd_scale_adapter.safetensors"))
+    ref = load_file(str(single[world][1] / "adapter" / "svd_scale_adapter.safetensors"))
     assert set(got) == set(ref) and len(got) > 0
     for k in ref:
         assert got[k].shape == ref[k].shape and got[k].numel() > 0
@@ -219,7 +219,7 @@ def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
     assert m["dtypes"]["trainable"] == ["torch.float32"]
     assert m["dtypes"]["optimizer"] == ["torch.float32"]
     assert "torch.bfloat16" in m["dtypes"]["frozen"]  # the base really is bf16
-    state = load_file(str(out / "bf16" / "adapter" / "adapter.safetensors"))
+    state = load_file(str(out / "bf16" / "adapter" / "svd_scale_adapter.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
 
 

@@ -52,6 +52,12 @@ class KaSALayer(AdapterLayer):
         return (t["U_min"] * t["S_min"]) @ t["V_min"]
 
     @staticmethod
+    def as_low_rank(t, opts):
+        r = t["A"].shape[0]
+        B = resolved_alpha(opts, r) / r * t["B"] * t["delta_sigma"]
+        return torch.cat([B, -t["U_min"] * t["S_min"]], 1), torch.cat([t["A"], t["V_min"]], 0), None
+
+    @staticmethod
     def merge(W_res, t, opts):
         r = t["A"].shape[0]
         return W_res + resolved_alpha(opts, r) / r * ((t["B"] * t["delta_sigma"]) @ t["A"])

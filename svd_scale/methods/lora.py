@@ -54,6 +54,10 @@ class LoRALayer(AdapterLayer):
         return None
 
     @staticmethod
+    def as_low_rank(t, opts):
+        return resolved_alpha(opts, t["A"].shape[0]) / t["A"].shape[0] * t["B"], t["A"], None
+
+    @staticmethod
     def merge(W_res, t, opts):
         return W_res + resolved_alpha(opts, t["A"].shape[0]) / t["A"].shape[0] * (t["B"] @ t["A"])
 

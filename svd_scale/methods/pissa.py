@@ -8,6 +8,7 @@ output equals the base model's at init. PEFT's implementation uses
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..layer import AdapterLayer, Role
@@ -32,6 +33,11 @@ class PiSSALayer(AdapterLayer):
     @staticmethod
     def removed(t, opts):
         return t["B0"] @ t["A0"]
+
+    @staticmethod
+    def as_low_rank(t, opts):
+        """``W - B0 A0 + B A``: a LoRA of rank 2r (PEFT's own PiSSA-to-LoRA conversion identity)."""
+        return torch.cat([t["B"], -t["B0"]], 1), torch.cat([t["A"], t["A0"]], 0), None
 
     @staticmethod
     def merge(W_res, t, opts):

@@ -117,6 +117,10 @@ class SaLoRALayer(AdapterLayer):
     def merge(W_res, t, opts):
         return W_res + _scaling(opts) * ((t["B"] * eval_gates(t["log_alpha"])) @ t["A"])
 
+    @staticmethod
+    def as_low_rank(t, opts):
+        return _scaling(opts) * t["B"] * eval_gates(t["log_alpha"]), t["A"], None
+
     @classmethod
     def export(cls, t: dict, opts: dict) -> dict:
         """Drop the components whose eval gate is 0 (pure; the output does not change:

@@ -15,6 +15,7 @@ engine (Trainer, DeepSpeed, FSDP) -- a documented difference in scale of the ste
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..layer import AdapterLayer, Option, Role, non_negative
@@ -40,6 +41,10 @@ class SORSALayer(AdapterLayer):
     @staticmethod
     def removed(t, opts):
         return (t["U0"] * t["S0"]) @ t["V0"]
+
+    @staticmethod
+    def as_low_rank(t, opts):
+        return torch.cat([t["U_p"] * t["S_p"], -t["U0"] * t["S0"]], 1), torch.cat([t["V_p"], t["V0"]], 0), None
 
     @staticmethod
     def merge(W_res, t, opts):

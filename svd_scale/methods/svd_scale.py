@@ -134,6 +134,12 @@ class SVDScaleLayer(AdapterLayer):
         W = W_res + (t["U"] * t["sigma"]) @ t["Vh"]
         return W * t["scale"].unsqueeze(1) if "scale" in t else W
 
+    @classmethod
+    def as_low_rank(cls, t, opts):
+        """``s * (W - U sigma0 Vh + U sigma Vh) = s * (W + (U (sigma - sigma0)) Vh)``: exactly a DoRA
+        adapter of rank r (magnitude ``s * ||W + B A||`` per row), or a LoRA when ``s`` is absent."""
+        return t["U"] * (t["sigma"] - t["sigma0"]), t["Vh"], t.get("scale")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)  # W_res x + b
         scale = self.scale if "scale" in self.roles else None

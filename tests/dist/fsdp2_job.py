@@ -99,7 +99,7 @@ def method_checks(a, facts: dict, data: list, base_logits, rank: int, world: int
         f["reg_share"] = 0.0 if reg is None else reg.item() / f["ref_losses"][-1]
         save_adapter(model, str(out / f"adapter_{method}"))  # collective; rank 0 writes
         dist.barrier()
-        saved = load_file(str(out / f"adapter_{method}" / "adapter.safetensors"))
+        saved = load_file(str(out / f"adapter_{method}" / "svd_scale_adapter.safetensors"))
         want = adapter_state_dict(ref)
         f["export_err"] = max((saved[k] - v).abs().max().item() for k, v in want.items())
         f["export_dtypes"] = sorted({str(saved[k].dtype) for k in saved if k.endswith(("sigma", "scale"))})
