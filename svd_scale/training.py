@@ -111,10 +111,10 @@ class SVDTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
 
 
-def save_any_adapter(model: nn.Module, directory: str) -> None:
+def save_any_adapter(model: nn.Module, directory: str, info: Optional[dict] = None) -> None:
     """svd_scale adapters through save_adapter; a PEFT baseline through its own save_pretrained."""
     if any(True for _ in adapter_layers(model)):
-        save_adapter(model, directory)
+        save_adapter(model, directory, info)
     elif hasattr(model, "peft_config"):
         model.save_pretrained(directory)
 
@@ -207,13 +207,30 @@ def _finish(cfg: RunConfig, trainer, model: nn.Module, result, metrics: dict, t0
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     metrics["dtypes"] = _dtypes(model, trainer.optimizer)
     out = Path(cfg.train.output_dir)
-    save_any_adapter(model, str(out / "adapter"))  # collective when sharded
+    info = {"data": cfg.data, "steps": cfg.train.max_steps, "learning_rate": cfg.train.lr, "engine": metrics["engine"],
+            "world_size": metrics["world_size"], "train_loss": round(result.training_loss, 6)}
+    save_any_adapter(model, str(out / "adapter"), info)  # collective when sharded
     metrics["total_seconds"] = round(time.time() - t0, 1)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         say(f"adapter saved to {out / 'adapter'}; metrics in {out / 'metrics.json'}")
+        if cfg.train.export != "none" and metrics["method"] != "custom":
+            _export(cfg, out)
+
+
+def _export(cfg: RunConfig, out: Path) -> None:
+    """``train.export``: the saved adapter as a PEFT folder or a merged checkpoint (from the base's files)."""
+    from .export import export_merged, export_peft
+
+    base = builtin.local_model_dir(cfg.model)
+    if cfg.train.export == "peft":
+        rep = export_peft(str(out / "adapter"), str(out / "peft"), base=base)
+        say(f"PEFT {rep['form']} adapter written to {out / 'peft'} ({'exact' if rep['exact'] else 'approximate'})")
+    else:
+        export_merged(str(out / "adapter"), base, str(out / "merged"))
+        say(f"merged checkpoint written to {out / 'merged'}")
 
 
 def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Optional[dict] = None) -> dict:
@@ -336,6 +353,10 @@ def check_output_dir(cfg: RunConfig, resume) -> None:
         raise FileExistsError(f"train.output_dir {str(out)!r} holds another run's results ({', '.join(used[:4])}"
                               f"{' ...' if len(used) > 4 else ''}): pass --resume to continue it, choose another "
                               "train.output_dir, or set train.overwrite=true to write over files of the same names")
+    merged = out / "merged"
+    if cfg.train.export == "merged" and merged.is_dir() and any(merged.iterdir()):
+        raise FileExistsError(f"train.export=merged writes {merged}, which is not empty: move it away first "
+                              "(a merged checkpoint is never written over)")
 
 
 class OutputLock:

@@ -99,3 +99,18 @@ def save_tiny_llama_with_real_tokenizer(d, tie_word_embeddings: bool = False) ->
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+def assert_same_peft_export(dir_a, dir_b, base, tmp, atol: float, rtol: float) -> None:
+    """Two saved adapters export (``svd_scale.export_peft``) to the same PEFT tensors: an adapter saved
+    under ZeRO-3 or FSDP2 serves like the single-process one."""
+    import svd_scale
+    from safetensors.torch import load_file
+
+    outs = [Path(tmp) / f"peft_export_{i}" for i in (0, 1)]
+    reports = [svd_scale.export_peft(str(d), str(o), base=str(base)) for d, o in zip((dir_a, dir_b), outs)]
+    assert reports[0]["form"] == reports[1]["form"] and reports[0]["exact"] and reports[1]["exact"]
+    x, y = (load_file(str(o / "adapter_model.safetensors")) for o in outs)
+    assert sorted(x) == sorted(y) and x
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=atol, rtol=rtol)

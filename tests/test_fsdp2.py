@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist" / "fsdp2_job.py"
@@ -140,7 +140,7 @@ def test_regularized_methods_train_like_one_process(job):
         assert job[0][m]["reg_share"] > 1e-4, (m, job[0][m]["reg_share"])
 
 
-def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, single):
+def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, single, model_dir, tmp_path):
     """launch/train.py's run() with train.engine=fsdp2: Trainer, per-rank data, held-out
     evaluation (a collective) and export, against engine single with the same global batch."""
     world, out = job[0]["world"], Path(job[0]["out"]) / "train"
@@ -152,6 +152,7 @@ def test_launch_path_trains_like_one_process_and_exports_the_same_adapter(job, s
     torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
     assert got["accuracy_before"] == ref["accuracy_before"] and got["accuracy_after"] == ref["accuracy_after"]
     assert_same_adapter(ref_out / "adapter", out / "adapter", atol=1e-5, rtol=1e-4)
+    assert_same_peft_export(ref_out / "adapter", out / "adapter", model_dir, tmp_path, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["nf4", "nf4_dq", "nf4_bias"], ids=["nf4", "double_quant", "with_biases"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
 from safetensors.torch import load_file
 
 import svd_scale
@@ -153,7 +153,7 @@ def test_losses_match_a_single_process_run(job, single):
     torch.testing.assert_close(a, b, rtol=TOL_LOSS, atol=0)
 
 
-def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single):
+def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single, model_dir, tmp_path):
     world, out = job
     adapter = out / ("adapter_uninterrupted" if (out / "adapter_uninterrupted").exists() else "train/adapter")
     got = load_file(str(adapter / "svd_scale_adapter.safetensors"))
@@ -166,6 +166,7 @@ def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single)
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
     moved = max((got[k] - load_file(str(out / "init_rank0.safetensors"))[k]).abs().max() for k in got if k.endswith(".sigma"))
     assert moved > 1e-4  # training really changed sigma, so the comparison above means something
+    assert_same_peft_export(single[world][1] / "adapter", adapter, model_dir, tmp_path, atol=1e-4, rtol=1e-3)
 
 
 def test_decoder_layer_leaf_modules_with_checkpointing_train_like_one_process(job, model_dir, tmp_path):
