@@ -202,6 +202,8 @@ class TrainConfig:
     timeout_minutes: float = field(default=30.0, metadata={"help": "collective timeout: a rank that stops answering "
                                    "ends a multi-rank job after this long (torch.distributed / DeepSpeed)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})
+    resume_check: bool = field(default=True, metadata={"help": "--resume refuses a checkpoint written by a run "
+                               "with other settings (data, lr, method, engine...); false resumes it anyway"})
     export: str = field(default="none", metadata={"help": "after training, also write the adapter as: peft (a PEFT "
                         "LoRA/DoRA folder, output_dir/peft), merged (a plain transformers checkpoint, output_dir/merged) or none"})
 

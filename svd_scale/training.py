@@ -39,13 +39,18 @@ from .methods.salora import set_progress
 log = logging.getLogger("svd_scale")
 
 RESUME_STATE = "training_state.safetensors"  # in each checkpoint-N folder, beside the exported adapter
+RUN_KEY = "svd_scale_run"  # RESUME_STATE's metadata: the fingerprint of the run that wrote it
+# Keys a resumed run may change: where and how often it writes, how long it runs, what it reports.
+RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.logging_steps", "train.eval_examples",
+             "train.eval_before", "train.eval_split", "train.overwrite", "train.timeout_minutes", "train.export",
+             "train.resume_check", "train.compile", "train.deepspeed", "train.engine")  # the engine itself: below
 
 
 class SVDTrainer(Trainer):
     """transformers' Trainer with the adapter's loss, saving and resuming (module docstring)."""
 
-    def __init__(self, *args, engine: Optional[engines.Engine] = None, **kwargs):
-        self.svd_engine = engine
+    def __init__(self, *args, engine: Optional[engines.Engine] = None, run: Optional[dict] = None, **kwargs):
+        self.svd_engine, self.svd_run = engine, run  # run: run_fingerprint(), stamped on every checkpoint
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -83,7 +88,8 @@ class SVDTrainer(Trainer):
 
             state = training_state_dict(model)  # collective
             if self.args.should_save:
-                save_file(state, os.path.join(output_dir, RESUME_STATE))
+                meta = {RUN_KEY: json.dumps(self.svd_run, sort_keys=True)} if self.svd_run else None
+                save_file(state, os.path.join(output_dir, RESUME_STATE), metadata=meta)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The adapter as training held it (unpruned) and model-level training state;
@@ -248,6 +254,7 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     engine.setup()
     checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None
     if checkpoint:
+        check_checkpoint_run(checkpoint, cfg, engine.name)
         engine.prepare_resume(checkpoint)
     args = training_arguments(cfg, engine)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
@@ -271,7 +278,8 @@ def _train(cfg: RunConfig, engine, args, splits, checkpoint, resume, adapt, keep
         compile_blocks(model)
     evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine)
     trainer = SVDTrainer(model=model, args=args, train_dataset=tokenized_dataset(splits.train, tok, cfg.train.max_length),
-                         data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine)
+                         data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine,
+                         run=run_fingerprint(cfg, engine.name))
     evaluation.trainer = trainer
     engine.attach(trainer)
     if checkpoint:
@@ -326,6 +334,36 @@ def config_differences(configs: list) -> dict:
     flats = [flat(c) for c in configs]
     keys = sorted(set().union(*flats))
     return {k: [f.get(k) for f in flats] for k in keys if len({f.get(k) for f in flats}) > 1}
+
+
+def run_fingerprint(cfg: RunConfig, engine_name: str) -> dict:
+    """What makes two runs' checkpoints interchangeable: the whole config except :data:`RESUMABLE`
+    keys, plus the engine (a ZeRO-3 checkpoint's optimizer state is not a single-process one's) and the
+    global batch in place of the per-rank one (a run may resume on another number of ranks)."""
+    d = cfg.to_dict()
+    for key in RESUMABLE + ("train.batch_size", "train.grad_accum"):
+        section, _, name = key.partition(".")
+        d.get(section, {}).pop(name, None)
+    ranks = world()[1] if world()[1] > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # before the group exists
+    return {**d, "engine": engine_name, "global_batch": cfg.train.batch_size * cfg.train.grad_accum * ranks}
+
+
+def check_checkpoint_run(checkpoint: str, cfg: RunConfig, engine_name: str) -> None:
+    """Refuse to resume a checkpoint another run wrote (other data, lr, method, engine...), naming the
+    differing keys; ``train.resume_check=false`` resumes it anyway."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(checkpoint, RESUME_STATE), framework="pt") as f:
+        stamp = (f.metadata() or {}).get(RUN_KEY)
+    if stamp is None or not cfg.train.resume_check:
+        if stamp is None:
+            say(f"--resume: {checkpoint} carries no run fingerprint (written before svd_scale 0.2); not checked")
+        return
+    diff = config_differences([json.loads(stamp), run_fingerprint(cfg, engine_name)])
+    if diff:
+        shown = "; ".join(f"{k}: {a} there, {b} now" for k, (a, b) in list(diff.items())[:6])
+        raise ValueError(f"--resume: {checkpoint} was written by a different run ({shown}). Resume with that run's "
+                         "settings, start a new train.output_dir, or set train.resume_check=false to resume it anyway")
 
 
 def check_same_config(cfg: RunConfig) -> None:

@@ -146,9 +146,9 @@ def test_resume_takes_the_newest_complete_checkpoint_or_the_one_named(tmp_path, 
 
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
     out = tmp_path / "out"
-    cfg = load_config(None, (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=32",
-                             "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e-2",
-                             f"train.output_dir={out}"))
+    args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=32",
+            "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e-2", f"train.output_dir={out}")
+    cfg = load_config(None, args)
     full = run(cfg)
     (out / "checkpoint-3" / "trainer_state.json").unlink()  # a save killed before its last file
     shutil.rmtree(out / "adapter")
@@ -162,6 +162,20 @@ def test_resume_takes_the_newest_complete_checkpoint_or_the_one_named(tmp_path, 
     (out / "checkpoint-2" / "training_state.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2: cannot resume from it: no training_state"):
         run(cfg, resume=str(out / "checkpoint-2"))
+    # a checkpoint of another run (another lr, other data) is refused naming the keys, before any model loads
+    other = load_config(None, (*args, "train.lr=3e-2", "data=builtin:plot_vs_review"))
+    with pytest.raises(ValueError, match=r"checkpoint-1 was written by a different run \(data: .*rotten_tomatoes.* there, "
+                                         r".*plot_vs_review.* now; train.lr: 0.01 there, 0.03 now\)"):
+        run(other, resume=str(out / "checkpoint-1"))
+    from svd_scale.training import check_checkpoint_run
+    with pytest.raises(ValueError, match=r"engine: \"single\" there, \"deepspeed\" now"):
+        check_checkpoint_run(str(out / "checkpoint-1"), cfg, "deepspeed")  # a single-process optimizer state
+    forced = run(load_config(None, (*args, "train.lr=3e-2", "train.resume_check=false")), resume=str(out / "checkpoint-1"))
+    assert forced["resumed_from"].endswith("checkpoint-1")
+    with pytest.raises(ValueError, match=r"checkpoint-3 was written by a different run \(train.lr: 0.03 there, 0.01 now\)"):
+        run(cfg, resume=True)  # the forced run wrote checkpoints 2 and 3 anew, at its own lr
+    longer = run(load_config(None, (*args, "train.lr=3e-2", "train.max_steps=4", "train.logging_steps=2")), resume=True)
+    assert longer["resumed_from"].endswith("checkpoint-3")  # how long and how often to log may change
 
 
 def test_a_used_output_dir_needs_resume_or_overwrite_and_one_run_at_a_time(tmp_path):

@@ -288,3 +288,19 @@ def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_proce
     opt.step()
     for k, v in adapter_state_dict(ref).items():
         torch.testing.assert_close(state[0]["after." + k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_a_zero3_checkpoint_is_stamped_with_its_run_and_refused_by_another_engine(world2):
+    from safetensors import safe_open
+
+    from svd_scale.config import load_config
+    from svd_scale.training import RESUME_STATE, RUN_KEY, check_checkpoint_run
+
+    _, out = world2
+    ckpt = out / "train" / "checkpoint-5"
+    with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
+        stamp = json.loads(f.metadata()[RUN_KEY])
+    assert stamp["engine"] == "deepspeed" and stamp["global_batch"] == 6 and stamp["train"]["lr"] == 1e-2
+    cfg = load_config(str(out / "train" / "run_config.json"))  # the same run, now without DeepSpeed
+    with pytest.raises(ValueError, match=r"engine: \"deepspeed\" there, \"single\" now"):
+        check_checkpoint_run(str(ckpt), cfg, "single")
