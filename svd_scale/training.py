@@ -249,7 +249,9 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     check_output_dir(cfg, resume)  # before any expensive work, as the checkpoint search
-    splits = load_splits(cfg.data, cfg.eval_data)
+    splits = load_splits(cfg.data, cfg.eval_data)  # data checked and tokenized before any model loads
+    train_data = tokenized_dataset(splits.train, load_tokenizer(builtin.resolve_model_path(cfg.model)),
+                                   cfg.train.max_length, where=cfg.data)
     engine = engines.create(cfg)
     engine.setup()
     checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None
@@ -260,10 +262,10 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     check_same_config(cfg)
     with OutputLock(Path(cfg.train.output_dir)):
-        return _train(cfg, engine, args, splits, checkpoint, resume, adapt, keep, t0)
+        return _train(cfg, engine, args, splits, train_data, checkpoint, resume, adapt, keep, t0)
 
 
-def _train(cfg: RunConfig, engine, args, splits, checkpoint, resume, adapt, keep, t0: float) -> dict:
+def _train(cfg: RunConfig, engine, args, splits, train_data, checkpoint, resume, adapt, keep, t0: float) -> dict:
     """``run`` once the output folder is ours: load and adapt, train, save."""
     test = _held_out(cfg, splits)
     metrics = _start_metrics(cfg, engine, adapt is not None)
@@ -277,7 +279,7 @@ def _train(cfg: RunConfig, engine, args, splits, checkpoint, resume, adapt, keep
     if cfg.train.compile:
         compile_blocks(model)
     evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine)
-    trainer = SVDTrainer(model=model, args=args, train_dataset=tokenized_dataset(splits.train, tok, cfg.train.max_length),
+    trainer = SVDTrainer(model=model, args=args, train_dataset=train_data,
                          data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine,
                          run=run_fingerprint(cfg, engine.name))
     evaluation.trainer = trainer
