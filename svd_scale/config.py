@@ -26,6 +26,7 @@ ENGINES = ["auto", "single", "deepspeed", "fsdp2"]  # svd_scale.engines.register
 PRECISIONS = ("fp32", "bf16")
 EVAL_SPLITS = ("test", "validation")
 EXPORTS = ("none", "peft", "merged")
+NAN_POLICIES = ("stop", "skip")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -202,6 +203,9 @@ class TrainConfig:
     timeout_minutes: float = field(default=30.0, metadata={"help": "collective timeout: a rank that stops answering "
                                    "ends a multi-rank job after this long (torch.distributed / DeepSpeed)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split scored: test, or validation (for tuning; built-in data only)"})
+    nan_policy: str = field(default="stop", metadata={"help": "a non-finite loss: stop (an error naming the step) or skip "
+                            "(drop that step's update, at most train.nan_skip_limit times; not with DeepSpeed)"})
+    nan_skip_limit: int = field(default=10, metadata={"help": "nan_policy=skip: stop once more steps than this were skipped"})
     resume_check: bool = field(default=True, metadata={"help": "--resume refuses a checkpoint written by a run "
                                "with other settings (data, lr, method, engine...); false resumes it anyway"})
     export: str = field(default="none", metadata={"help": "after training, also write the adapter as: peft (a PEFT "
@@ -221,6 +225,11 @@ class TrainConfig:
         _choice("train.engine", self.engine, tuple(ENGINES))
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         _choice("train.export", self.export, EXPORTS)
+        _choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        _positive("train.nan_skip_limit", self.nan_skip_limit, allow_zero=True)
+        if self.nan_policy == "skip" and self.resolved_engine() == "deepspeed":
+            raise ValueError("train.nan_policy=skip is not supported with DeepSpeed (its optimizer steps inside backward, "
+                             "before the loss can be checked on every rank); use nan_policy=stop")
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ValueError("train.engine=deepspeed needs train.deepspeed=<json config>, e.g. configs/deepspeed/zero3.json")
         if self.engine == "fsdp2" and self.deepspeed:

@@ -43,14 +43,17 @@ RUN_KEY = "svd_scale_run"  # RESUME_STATE's metadata: the fingerprint of the run
 # Keys a resumed run may change: where and how often it writes, how long it runs, what it reports.
 RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.logging_steps", "train.eval_examples",
              "train.eval_before", "train.eval_split", "train.overwrite", "train.timeout_minutes", "train.export",
-             "train.resume_check", "train.compile", "train.deepspeed", "train.engine")  # the engine itself: below
+             "train.resume_check", "train.compile", "train.deepspeed", "train.engine", "train.nan_policy",
+             "train.nan_skip_limit")  # train.engine: the engine itself is compared (below)
 
 
 class SVDTrainer(Trainer):
     """transformers' Trainer with the adapter's loss, saving and resuming (module docstring)."""
 
-    def __init__(self, *args, engine: Optional[engines.Engine] = None, run: Optional[dict] = None, **kwargs):
+    def __init__(self, *args, engine: Optional[engines.Engine] = None, run: Optional[dict] = None,
+                 nan_policy: str = "stop", nan_skip_limit: int = 0, **kwargs):
         self.svd_engine, self.svd_run = engine, run  # run: run_fingerprint(), stamped on every checkpoint
+        self.nan_policy, self.nan_skip_limit, self.skipped_steps = nan_policy, nan_skip_limit, []
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -73,11 +76,26 @@ class SVDTrainer(Trainer):
         if world()[1] > 1:
             torch.distributed.all_reduce(bad)
         if bad.item():
+            step = self.state.global_step + 1
+            if self.nan_policy == "skip" and len(self.skipped_steps) < self.nan_skip_limit:
+                self._skip_update(model, step)
+                return loss
+            limit = f" after skipping {len(self.skipped_steps)} step(s) (train.nan_skip_limit)" if self.skipped_steps else ""
             raise FloatingPointError(
-                f"training diverged: non-finite loss at step {self.state.global_step + 1} on {int(bad.item())} of "
-                f"{world()[1]} rank(s); nothing from this step was saved (lower train.lr; --resume continues "
-                "from the last checkpoint)")
+                f"training diverged: non-finite loss at step {step} on {int(bad.item())} of {world()[1]} rank(s){limit}; "
+                "nothing from this step was saved (lower train.lr; --resume continues from the last checkpoint)")
         return loss
+
+    def _skip_update(self, model, step: int) -> None:
+        """``nan_policy=skip``: every rank drops the gradients accumulated for this step, so the optimizer
+        leaves the adapter and its moments unchanged (AdamW skips parameters without a gradient)."""
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = None
+        if not self.skipped_steps or self.skipped_steps[-1] != step:
+            self.skipped_steps.append(step)
+            say(f"step {step}: non-finite loss; its update is skipped ({len(self.skipped_steps)} of at most "
+                f"{self.nan_skip_limit})")
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -281,7 +299,8 @@ def _train(cfg: RunConfig, engine, args, splits, train_data, checkpoint, resume,
     evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine)
     trainer = SVDTrainer(model=model, args=args, train_dataset=train_data,
                          data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine,
-                         run=run_fingerprint(cfg, engine.name))
+                         run=run_fingerprint(cfg, engine.name), nan_policy=cfg.train.nan_policy,
+                         nan_skip_limit=cfg.train.nan_skip_limit)
     evaluation.trainer = trainer
     engine.attach(trainer)
     if checkpoint:
@@ -290,6 +309,7 @@ def _train(cfg: RunConfig, engine, args, splits, train_data, checkpoint, resume,
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics["train_seconds"] = round(time.time() - t_train, 1)
+    metrics["skipped_steps"] = trainer.skipped_steps
     _finish(cfg, trainer, model, result, metrics, t0)
     if keep is not None:
         keep.update(model=model, tokenizer=tok)

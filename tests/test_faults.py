@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llama_with_real_tokenizer, tiny_llama
+from conftest import assert_same_adapter, save_tiny_llama_with_real_tokenizer, tiny_llama
 
 import svd_scale
 from svd_scale import io as sio
@@ -282,3 +282,82 @@ def test_labels_cut_by_max_length_fail_before_the_model_loads(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok_only")
     long = [{"prompt": "p", "completion": " positive " * 50}, {"prompt": "p", "completion": " ok"}]
     assert len(tokenized_dataset(long, tok, 8)) == 2  # a cut completion keeps its first tokens
+
+
+def test_a_checkpoint_write_failing_at_any_point_is_skipped_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    """A full disk (or a kill) at each file write of a checkpoint: the failing write leaves a truncated
+    file and raises ENOSPC; --resume must skip that checkpoint and reproduce the uninterrupted run."""
+    import pathlib
+
+    import safetensors.torch
+    from transformers.trainer_callback import TrainerState
+
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    args = lambda out: load_config(None, (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4",  # noqa: E731
+                                          "train.max_length=32", "train.eval_examples=0", "train.logging_steps=1",
+                                          "train.save_steps=1", "train.lr=1e-2", f"train.output_dir={out}"))
+    writes, fail_at = [], [None]
+
+    def wrap(orig, path_of):
+        def write(*a, **kw):
+            path = str(path_of(a))
+            writes.append(path)
+            if len(writes) == fail_at[0]:
+                pathlib.Path(path).write_bytes(b"{\"trunc")  # what a full disk leaves: a short file
+                raise OSError(28, "No space left on device", path)
+            return orig(*a, **kw)
+        return write
+
+    orig_write_text = pathlib.Path.write_text
+    monkeypatch.setattr(safetensors.torch, "save_file", wrap(safetensors.torch.save_file, lambda a: a[1]))
+    monkeypatch.setattr(svd_scale.io, "save_file", safetensors.torch.save_file)
+    monkeypatch.setattr(torch, "save", wrap(torch.save, lambda a: a[1]))
+    monkeypatch.setattr(TrainerState, "save_to_json", wrap(TrainerState.save_to_json, lambda a: a[1]))
+    monkeypatch.setattr(pathlib.Path, "write_text", wrap(orig_write_text, lambda a: a[0]))
+    full = run(args(tmp_path / "full"))
+    points = [i + 1 for i, p in enumerate(writes) if "checkpoint-3" in p]
+    assert len(points) >= 6, writes  # adapter (2 files), training state, optimizer, scheduler, RNG, trainer state
+    for k in points:
+        out = tmp_path / f"fail{k}"
+        writes.clear()
+        fail_at[0] = k
+        with pytest.raises(OSError, match="No space left"):
+            run(args(out))
+        fail_at[0] = None
+        resumed = run(args(out), resume=True)
+        assert resumed["resumed_from"].endswith("checkpoint-2"), k
+        assert dict(resumed["losses"])[3] == pytest.approx(dict(full["losses"])[3], rel=1e-6)
+        assert_same_adapter(tmp_path / "full" / "adapter", out / "adapter", atol=1e-6, rtol=1e-6)
+
+
+def test_nan_policy_skip_drops_that_steps_update_and_stops_past_its_limit(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from svd_scale.config import load_config
+    from svd_scale.training import SVDTrainer, run
+
+    orig = SVDTrainer.compute_loss
+    bad_steps = {2}
+
+    def compute_loss(self, *a, **kw):  # a non-finite loss at the chosen steps (e.g. one bad batch)
+        out = orig(self, *a, **kw)
+        return out * float("nan") if self.state.global_step + 1 in bad_steps else out
+
+    monkeypatch.setattr(SVDTrainer, "compute_loss", compute_loss)
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=32",
+            "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e-2", "train.nan_policy=skip")
+    out = tmp_path / "skip"
+    metrics = run(load_config(None, (*args, f"train.output_dir={out}")))
+    assert metrics["skipped_steps"] == [2]
+    one, two, three = (load_file(str(out / f"checkpoint-{i}" / "training_state.safetensors")) for i in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)  # step 2 changed nothing
+    assert any(not torch.equal(two[k], three[k]) for k in two) and not sio.non_finite(three)
+    bad_steps.update({2, 3})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .* after skipping 1 step\(s\)"):
+        run(load_config(None, (*args, "train.nan_skip_limit=1", f"train.output_dir={tmp_path / 'limit'}")))
+    with pytest.raises(ValueError, match="nan_policy=skip is not supported with DeepSpeed"):
+        load_config(None, ("train.nan_policy=skip", f"train.deepspeed={Path(__file__).parents[1] / 'configs/deepspeed/zero3.json'}"))
