@@ -361,3 +361,29 @@ def test_nan_policy_skip_drops_that_steps_update_and_stops_past_its_limit(tmp_pa
         run(load_config(None, (*args, "train.nan_skip_limit=1", f"train.output_dir={tmp_path / 'limit'}")))
     with pytest.raises(ValueError, match="nan_policy=skip is not supported with DeepSpeed"):
         load_config(None, ("train.nan_policy=skip", f"train.deepspeed={Path(__file__).parents[1] / 'configs/deepspeed/zero3.json'}"))
+
+
+def test_mismatched_rank_configs_stop_every_rank_and_a_stopped_rank_ends_the_job_in_time(tmp_path):
+    """A real 2-rank torchrun job (tests/dist/faults_job.py): ranks started with different lr all stop
+    naming train.lr; then rank 1 is SIGSTOPped and rank 0 ends within train.timeout_minutes (15 s)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, free_port
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/dist/faults_job.py"), "--model", model, "--out", str(tmp_path)]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    took = time.time() - t0
+    assert p.returncode != 0
+    for r in (0, 1):
+        seen = json.loads((tmp_path / f"fault1_rank{r}.json").read_text())["error"]
+        assert "started with different configurations" in seen and "train.lr: rank 0 0.01, rank 1 0.02" in seen, seen
+    stopped = json.loads((tmp_path / "fault2_rank0.json").read_text())
+    assert not (tmp_path / "fault2_rank1.json").exists()  # rank 1 never got past its stop
+    assert stopped["error"] != "no error" and stopped["seconds"] < 15 + 30, stopped  # 15 s timeout + start-up slack
+    assert took < 240, (took, p.stderr[-3000:])  # the launcher ended the job; not the 30-minute default

@@ -51,7 +51,17 @@ class Engine:
         self.notes: dict = {}  # what the engine chose by itself, reported in metrics.json
 
     def setup(self) -> None:
-        """Before anything is built (process groups an engine needs early)."""
+        """Before anything is built (process groups an engine needs early). On CPU under a launcher it
+        starts the gloo group with ``train.timeout_minutes``: transformers passes ``ddp_timeout`` to the
+        process group on GPUs but not with ``use_cpu`` (transformers 5.x ``TrainingArguments._setup_devices``),
+        which would leave a stopped rank hanging its peers for the 30-minute default."""
+        import os
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized() and not torch.cuda.is_available():
+            dist.init_process_group(backend="gloo", timeout=timedelta(minutes=self.cfg.train.timeout_minutes))
 
     def prepare_resume(self, checkpoint: str) -> None:
         """Make ``checkpoint`` loadable by this run (called on every rank before any model loads)."""
