@@ -39,7 +39,7 @@ def _typed(obj, section: str) -> None:
     quoted ``"false"`` is not taken as true, ``max_steps: 2.7`` is not cut to 2, and ``1e-2`` (a string
     in YAML 1.1) is the number 0.01. Raised before anything is loaded, naming the key."""
     for f in fields(obj):
-        kind, value, key = str(f.type), getattr(obj, f.name), f"{section}.{f.name}"
+        kind, value, key = str(f.type), getattr(obj, f.name), f"{section}.{f.name}" if section else f.name
         if value is None and kind.startswith("Optional"):
             continue
         if "bool" in kind:
@@ -53,11 +53,41 @@ def _typed(obj, section: str) -> None:
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 raise ValueError(f"{key} must be a finite number, got {value!r}")
             setattr(obj, f.name, float(number))
+        elif kind == "dict" and not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping (key: value lines), got {value!r}")
         elif kind in ("str", "Optional[str]"):
             if isinstance(value, os.PathLike) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 setattr(obj, f.name, os.fspath(value) if isinstance(value, os.PathLike) else str(value))
             elif not isinstance(value, str):
                 raise ValueError(f"{key} must be a string, got {value!r}")
+
+
+# Hugging Face TrainingArguments names accepted for the train keys they mean (as axolotl/TRL users write them)
+TRAIN_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps":
+                 "grad_accum", "lr_scheduler_type": "scheduler", "num_train_epochs": "num_epochs",
+                 "activation_checkpointing": "gradient_checkpointing"}
+# TrainingArguments that svd_scale derives from its own keys: not settable through train.hf_args
+SET_BY_TRAIN = {**TRAIN_ALIASES, **{k: k for k in ("max_steps", "output_dir", "weight_decay", "warmup_ratio", "seed",
+                                                   "logging_steps", "save_steps", "gradient_checkpointing", "deepspeed",
+                                                   "report_to", "run_name", "eval_steps")},
+                "bf16": "precision", "fp16": "precision", "ddp_timeout": "timeout_minutes", "warmup_steps": "warmup_ratio"}
+
+
+def _check_hf_args(hf_args: dict) -> None:
+    """Keys of ``train.hf_args`` must be TrainingArguments fields; the ones svd_scale sets from its own keys
+    are pointed to those (one place per setting)."""
+    if not hf_args:
+        return
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dc.fields(TrainingArguments)}
+    for k in hf_args:
+        if k not in known:
+            raise ValueError(f"train.hf_args: {k!r} is not a transformers.TrainingArguments field")
+        if k in SET_BY_TRAIN:
+            raise ValueError(f"train.hf_args: {k!r} is set by svd_scale from train.{SET_BY_TRAIN[k]}; set that instead")
 
 
 def _number_or_same(value: Any) -> Any:
@@ -208,6 +238,14 @@ class TrainConfig:
     nan_skip_limit: int = field(default=10, metadata={"help": "nan_policy=skip: stop once more steps than this were skipped"})
     resume_check: bool = field(default=True, metadata={"help": "--resume refuses a checkpoint written by a run "
                                "with other settings (data, lr, method, engine...); false resumes it anyway"})
+    num_epochs: Optional[float] = field(default=None, metadata={"help": "train for this many passes over the data "
+                                        "instead of train.max_steps"})
+    eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps through the Trainer (0: only "
+                            "the accuracy before and after); needs eval_data or eval_fraction"})
+    report_to: str = field(default="auto", metadata={"help": "tensorboard, wandb, none, or auto (tensorboard when installed)"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "the run's name in TensorBoard / W&B"})
+    hf_args: dict = field(default_factory=dict, metadata={"help": "any other transformers.TrainingArguments, by their names "
+                          "(e.g. {optim: adafactor, max_grad_norm: 0.5, save_total_limit: 2}); they override svd_scale's"})
     export: str = field(default="none", metadata={"help": "after training, also write the adapter as: peft (a PEFT "
                         "LoRA/DoRA folder, output_dir/peft), merged (a plain transformers checkpoint, output_dir/merged) or none"})
 
@@ -226,6 +264,10 @@ class TrainConfig:
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         _choice("train.export", self.export, EXPORTS)
         _choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        if self.num_epochs is not None:
+            _positive("train.num_epochs", self.num_epochs)
+        _positive("train.eval_steps", self.eval_steps, allow_zero=True)
+        _check_hf_args(self.hf_args)
         _positive("train.nan_skip_limit", self.nan_skip_limit, allow_zero=True)
         if self.nan_policy == "skip" and self.resolved_engine() == "deepspeed":
             raise ValueError("train.nan_policy=skip is not supported with DeepSpeed (its optimizer steps inside backward, "
@@ -251,10 +293,25 @@ class RunConfig:
     """One fine-tuning run: base model, data, adapter, training loop."""
 
     model: str = field(default="builtin:smollm2-135m-instruct", metadata={"help": "from_pretrained path, or builtin:smollm2-135m-instruct"})
-    data: str = field(default="builtin:rotten_tomatoes", metadata={"help": "JSONL/CSV with prompt+completion (or text), or builtin:rotten_tomatoes / builtin:plot_vs_review"})
-    eval_data: Optional[str] = field(default=None, metadata={"help": "held-out JSONL/CSV (built-in data brings its own fixed split)"})
+    data: str = field(default="builtin:rotten_tomatoes", metadata={"help": "a file (.jsonl/.json/.csv/.parquet/.arrow), a folder "
+                      "of them, a save_to_disk folder, a Hub dataset id, or builtin:rotten_tomatoes / builtin:plot_vs_review; rows in "
+                      "messages, ShareGPT, Alpaca, prompt/completion or text format (docs/data.md)"})
+    data_split: str = field(default="train", metadata={"help": "split of a Hub dataset or saved DatasetDict to train on"})
+    data_subset: Optional[str] = field(default=None, metadata={"help": "configuration (subset) name of a Hub dataset"})
+    data_revision: Optional[str] = field(default=None, metadata={"help": "revision (branch, tag, commit) of a Hub dataset"})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "held-out data, any source `data` accepts (built-in data brings its own fixed split)"})
+    eval_data_split: str = field(default="test", metadata={"help": "split of eval_data (Hub dataset or saved DatasetDict)"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of `data` (fixed seed) when eval_data is "
+                                 "not given; 0: every row trains"})
+    chat_template: bool = field(default=False, metadata={"help": "prompt/completion rows as a user turn and the assistant's answer "
+                                "through the tokenizer's chat template (chat formats always use it)"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _typed(self, "")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction is a fraction of the data, in [0, 1), got {self.eval_fraction!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -276,11 +333,19 @@ def _section_keys(cls) -> set:
         from .methods import option_users
 
         return ({f.name for f in fields(cls)} - {"options"}) | set(option_users())
+    if cls is TrainConfig:
+        return {f.name for f in fields(cls)} | set(TRAIN_ALIASES)
     return {f.name for f in fields(cls)}
 
 
 def _build(cls, d: dict, where: str):
     d = dict(d or {})
+    if cls is TrainConfig:
+        for alias, name in TRAIN_ALIASES.items():
+            if alias in d:
+                if name in d:
+                    raise ValueError(f"train.{alias} and train.{name} are the same setting: give one")
+                d[name] = d.pop(alias)
     known = _section_keys(cls)
     unknown = sorted(set(d) - known)
     if unknown:

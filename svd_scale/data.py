@@ -1,14 +1,18 @@
-"""Data: prompt/completion records -> tokenized examples with loss on the completion.
+"""Data: any 🤗 Datasets source -> tokenized examples with the loss where it belongs.
 
-Sources:
-* a JSONL or CSV file with ``prompt`` and ``completion`` columns (loss on the
-  completion only) or a ``text`` column (loss on every token), read with ``datasets``;
+Sources (``data``, ``eval_data``), all read through ``datasets``:
+* a local file (.jsonl, .json, .csv, .parquet, .arrow) or a folder of such files;
+* a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+* a Hub dataset id (``data_subset``, ``data_split``, ``data_revision``), from the local cache when offline;
 * ``builtin:rotten_tomatoes`` / ``builtin:plot_vs_review`` (see ``svd_scale.builtin``).
 
-Built-in data gets a fixed split that does not depend on the training seed:
-``test`` (never used for tuning), ``validation`` (for picking learning rates) and
-``train``. A user file is held out against ``eval_data`` if given, else against a
-fixed 5% (at most 500 examples) of itself.
+Rows are in one of the formats of :mod:`svd_scale.formats` (chat ``messages``, ShareGPT, Alpaca,
+prompt/completion, text), recognised by their columns and checked row by row before any model loads.
+
+Built-in data gets a fixed split that does not depend on the training seed: ``test`` (never used for
+tuning), ``validation`` (for picking learning rates) and ``train``. A user's data is held out only when
+asked: ``eval_data`` (another source), or ``eval_fraction`` of the data (fixed seed); otherwise every
+row trains.
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ from typing import Optional
 
 import torch
 
-from . import builtin
+from . import builtin, formats
 
 log = logging.getLogger("svd_scale")
 
 SPLIT_SEED = 1234
 TEST_SIZE = 500
 VAL_SIZE = 500
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 @dataclass
@@ -60,49 +66,72 @@ def _jsonl_records(p: Path, text: str) -> list[dict]:
         except ValueError as e:
             raise ValueError(f"{p}, line {n}: not valid JSON ({e}); each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{p}, line {n}: a JSON {type(row).__name__}, expected an object with 'prompt' and "
-                             "'completion' (or 'text')")
+            raise ValueError(f"{p}, line {n}: a JSON {type(row).__name__}, expected an object with the columns of "
+                             f"one of: {formats.describe_formats()}")
         records.append(row)
     return records
 
 
-def check_records(where: str, records: list[dict]) -> None:
-    """Every row has the fields its format needs, as strings (row numbers count from 1)."""
+def check_records(where: str, records: list[dict]) -> str:
+    """The rows' format (:mod:`svd_scale.formats`); every row is checked (row numbers count from 1)."""
     if not records:
         raise ValueError(f"{where}: no examples")
     cols = set().union(*(r.keys() for r in records[:1000]))
-    need = ("prompt", "completion") if {"prompt", "completion"} <= cols else ("text",) if "text" in cols else None
-    if need is None:
-        raise ValueError(f"{where}: needs 'prompt' and 'completion' columns, or a 'text' column; found {sorted(cols)}")
+    fmt = formats.detect(cols)
+    if fmt is None:
+        raise ValueError(f"{where}: found columns {sorted(cols)}; expected those of one format: "
+                         f"{formats.describe_formats()}")
     for i, r in enumerate(records, 1):
-        for key in need:
-            if not isinstance(r.get(key), str) or (key != "prompt" and not r[key]):
-                got = "missing" if r.get(key) is None else f"{type(r[key]).__name__} {r[key]!r}"[:80]
-                raise ValueError(f"{where}, row {i}: {key!r} must be a non-empty string, got {got}")
+        problem = formats.row_problem(r, fmt)
+        if problem:
+            raise ValueError(f"{where}, row {i}: {problem}")
+    return fmt
 
 
-def _read_file(path: str) -> list[dict]:
+def _read_file(p: Path) -> list[dict]:
     import datasets
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(p.suffix.lower())
+    kind = FILE_BUILDERS.get(p.suffix.lower())
     if kind is None:
-        raise ValueError(f"data file {path!r}: expected .jsonl, .json or .csv")
-    text = _decoded(p)
-    if p.suffix.lower() == ".jsonl" or (kind == "json" and not text.lstrip().startswith("[")):
-        records = _jsonl_records(p, text)
-    else:
-        try:
-            records = datasets.load_dataset(kind, data_files=str(p), split="train").to_list() if text.strip() else []
-        except Exception as e:  # pyarrow/pandas parse errors: name the file, keep the library's reason
-            raise ValueError(f"{p}: could not be read as {kind.upper()} ({type(e).__name__}: {str(e)[:300]})") from None
-    check_records(str(p), records)
-    return records
+        raise ValueError(f"data file {str(p)!r}: expected one of {sorted(FILE_BUILDERS)}")
+    if kind in ("json", "csv"):
+        text = _decoded(p)
+        if p.suffix.lower() == ".jsonl" or (kind == "json" and not text.lstrip().startswith("[")):
+            return _jsonl_records(p, text)
+        if not text.strip():
+            return []
+    try:
+        return datasets.load_dataset(kind, data_files=str(p), split="train").to_list()
+    except Exception as e:  # pyarrow/pandas parse errors: name the file, keep the library's reason
+        raise ValueError(f"{p}: could not be read as {kind} ({type(e).__name__}: {str(e)[:300]})") from None
 
 
-def load_splits(spec: str, eval_spec: Optional[str] = None) -> Splits:
+def read_source(spec: str, split: str = "train", subset: Optional[str] = None,
+                revision: Optional[str] = None) -> list[dict]:
+    """The rows of a file, a saved dataset, a folder of files or a Hub dataset (module docstring)."""
+    import datasets
+
+    p = Path(spec)
+    if p.is_file():
+        return _read_file(p)
+    if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{spec}: no split {split!r}; it has {sorted(ds)} (set data_split)")
+            ds = ds[split]
+        return ds.to_list()
+    if not p.exists() and (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_BUILDERS):
+        raise FileNotFoundError(f"data {spec!r} does not exist")
+    try:  # a folder of data files, or a Hub id (read from the local cache when offline)
+        return datasets.load_dataset(spec, subset, split=split, revision=revision).to_list()
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise type(e)(f"data {spec!r} (split {split!r}{f', subset {subset!r}' if subset else ''}) could not be "
+                      f"loaded: {str(e)[:400]}") from None
+
+
+def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "train", eval_split: str = "test",
+                subset: Optional[str] = None, revision: Optional[str] = None, eval_fraction: float = 0.0) -> Splits:
     if spec.startswith(builtin.BUILTIN_PREFIX):
         key = spec[len(builtin.BUILTIN_PREFIX):]
         if key not in builtin.BUILTIN_DATA:
@@ -110,24 +139,33 @@ def load_splits(spec: str, eval_spec: Optional[str] = None) -> Splits:
         records = builtin.BUILTIN_DATA[key][0]()
         random.Random(SPLIT_SEED).shuffle(records)
         return Splits(records[TEST_SIZE + VAL_SIZE:], records[TEST_SIZE:TEST_SIZE + VAL_SIZE], records[:TEST_SIZE])
-    records = _read_file(spec)
+    records = read_source(spec, split, subset, revision)
+    check_records(spec, records)
     if eval_spec:
-        return Splits(records, [], _read_file(eval_spec))
+        held = read_source(eval_spec, eval_split, subset, revision)
+        check_records(eval_spec, held)
+        return Splits(records, [], held)
+    if not eval_fraction:
+        return Splits(records, [], [])
     if len(records) < 2:
-        raise ValueError(f"{spec}: {len(records)} example; at least 2 are needed (one is held out for evaluation "
-                         "unless eval_data is given)")
+        raise ValueError(f"{spec}: {len(records)} example; eval_fraction={eval_fraction} needs at least 2 (one is held out)")
     random.Random(SPLIT_SEED).shuffle(records)
-    n = min(500, max(1, len(records) // 20))
+    n = min(len(records) - 1, max(1, round(eval_fraction * len(records))))
     return Splits(records[n:], [], records[:n])
 
 
-def encode(record: dict, tok, max_length: int) -> dict:
-    """Token ids and labels; labels are -100 on the prompt so the loss is on the completion.
+def encode(record: dict, tok, max_length: int, fmt: Optional[str] = None, chat: bool = False) -> dict:
+    """Token ids and labels of one row (``fmt``: its format, detected from its keys if not given; ``chat``:
+    prompt/completion rows as one chat turn). Chats: :func:`svd_scale.formats.encode_chat`. Otherwise
+    labels are -100 on the prompt so the loss is on the completion.
 
     An example longer than ``max_length`` loses the *start of its prompt* (a leading BOS token is
     kept): the completion is what the loss is on, and the end of the prompt is what it answers.
     Cutting from the end instead would drop the label of every long example -- on a task where one
     class is long (plot synopses vs reviews) the model would then see only the other class."""
+    fmt = fmt or formats.detect(record.keys())
+    if fmt in formats.CHAT or (chat and fmt == "prompt_completion"):
+        return formats.encode_chat(formats.to_messages(record, fmt), tok, max_length)
     if "prompt" in record and record.get("completion") is not None:
         p = tok(record["prompt"], add_special_tokens=True)["input_ids"]
         c = tok(record["completion"], add_special_tokens=False)["input_ids"]
@@ -145,13 +183,14 @@ def encode(record: dict, tok, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenized_dataset(records: list, tok, max_length: int, where: str = "training data"):
+def tokenized_dataset(records: list, tok, max_length: int, where: str = "training data", chat: bool = False):
     """Encoded examples that keep a label the loss can use: one after the first position (a causal LM
     predicts token t from the tokens before it). Examples without one are counted and skipped; if none
     is left, that is an error naming ``train.max_length``, not a run that trains on nothing."""
     import datasets
 
-    enc = [encode(r, tok, max_length) for r in records]
+    fmt = formats.detect(set().union(*(r.keys() for r in records[:1000]))) if records else None
+    enc = [encode(r, tok, max_length, fmt, chat) for r in records]
     kept = [e for e in enc if any(l != -100 for l in e["labels"][1:])]
     if not kept:
         raise ValueError(f"{where}: none of the {len(enc)} examples keeps a label token within train.max_length="

@@ -14,24 +14,28 @@ import torch
 import torch.distributed as dist
 
 from .access import world as ranks
+from .formats import PromptStyle
 
 MAX_LABELS = 32
 
 
-def label_token_ids(records: list, tok) -> Optional[dict]:
-    """label completion -> first token id; None if the task is not a small label set
-    or two labels share their first token."""
-    labels = sorted({r.get("completion") for r in records if r.get("completion") is not None})
+def label_token_ids(records: list, tok, style: Optional[PromptStyle] = None) -> Optional[dict]:
+    """label completion -> first token id (of the text the model answers with, in ``style``); None if the
+    task is not a small label set or two labels share their first token."""
+    style = style or PromptStyle(tok, chat=False)
+    labels = sorted({r.get("completion") for r in records if isinstance(r.get("completion"), str)})
     if not labels or len(labels) > MAX_LABELS:
         return None
-    ids = {l: tok(l, add_special_tokens=False)["input_ids"][0] for l in labels}
+    ids = {l: tok(style.label_text(l), add_special_tokens=False)["input_ids"][0] for l in labels}
     return ids if len(set(ids.values())) == len(ids) else None
 
 
 @torch.no_grad()
-def choice_accuracy(model, tok, records: list, batch_size: int = 16) -> Optional[float]:
-    """Fraction of ``records`` whose completion scores highest among the label set."""
-    ids = label_token_ids(records, tok)
+def choice_accuracy(model, tok, records: list, batch_size: int = 16, style: Optional[PromptStyle] = None) -> Optional[float]:
+    """Fraction of ``records`` whose completion scores highest among the label set (prompts put before
+    the model in ``style``: raw, or through the chat template)."""
+    style = style or PromptStyle(tok, chat=False)
+    ids = label_token_ids(records, tok, style)
     if ids is None or not records:
         return None
     labels = list(ids)
@@ -49,7 +53,7 @@ def choice_accuracy(model, tok, records: list, batch_size: int = 16) -> Optional
         real = len(chunk)
         if real == 0:  # keep collectives in step: run a dummy batch and count nothing
             chunk = records[:1]
-        enc = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in chunk]
+        enc = [style.prompt_ids(r["prompt"]) for r in chunk]
         n = max(len(e) for e in enc)
         x = torch.full((len(enc), n), pad, dtype=torch.long)
         m = torch.zeros((len(enc), n), dtype=torch.long)

@@ -31,6 +31,7 @@ from .config import RunConfig
 from .data import Collator, load_splits, tokenized_dataset
 from .engines.base import load_model, load_tokenizer, say
 from .evaluate import choice_accuracy
+from .formats import PromptStyle
 from .inject import adapter_layers, parameter_counts
 from .io import save_adapter, training_state_dict
 from .losses import regularization_loss
@@ -152,15 +153,18 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
     from transformers import TrainingArguments
 
     t = cfg.train
+    steps = dict(num_train_epochs=t.num_epochs, max_steps=-1, warmup_steps=min(t.warmup_ratio, 0.999)) \
+        if t.num_epochs else dict(max_steps=t.max_steps, warmup_steps=int(round(t.warmup_ratio * t.max_steps)))
+    evals = dict(eval_strategy="steps", eval_steps=t.eval_steps, per_device_eval_batch_size=t.batch_size) if t.eval_steps else {}
     return TrainingArguments(
         output_dir=t.output_dir,
-        max_steps=t.max_steps,
+        **steps,
+        **evals,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.scheduler,
-        warmup_steps=int(round(t.warmup_ratio * t.max_steps)),
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -169,26 +173,38 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
         bf16=t.precision == "bf16" and engine.trainer_bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=report_to(t.report_to),
+        run_name=t.run_name,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not is_main(),
         ddp_timeout=max(1, int(round(60 * t.timeout_minutes))),
-        **engine.trainer_arguments(),
+        **{**engine.trainer_arguments(), **t.hf_args},
     )
+
+
+def report_to(value: str) -> str:
+    """``train.report_to``: ``auto`` is TensorBoard when it is installed (transformers writes its event
+    files under ``output_dir/runs``), else nothing."""
+    if value != "auto":
+        return value
+    import importlib.util
+
+    return "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else "none"
 
 
 class EvalCallback(TrainerCallback):
     """Held-out accuracy at the start (adapter at init == base model) and end of training.
     A callback, because under ZeRO-3 the model can run forward only once the engine exists."""
 
-    def __init__(self, tok, test: list, metrics: dict, resume: bool, before: bool, engine: engines.Engine):
+    def __init__(self, tok, test: list, metrics: dict, resume: bool, before: bool, engine: engines.Engine, chat: bool = False):
         self.tok, self.test, self.metrics, self.engine = tok, test, metrics, engine
+        self.style = PromptStyle(tok, chat)
         self.before = test and before and not resume
         self.trainer = None  # set once the Trainer exists: the engine settles ZeRO-3 after evaluation
 
     def _score(self, model, key: str, label: str) -> None:
-        self.metrics[key] = choice_accuracy(model, self.tok, self.test)
+        self.metrics[key] = choice_accuracy(model, self.tok, self.test, style=self.style)
         self.engine.settle(self.trainer)
         say(f"{label}{_pct(self.metrics[key])} on {len(self.test)} examples")
 
@@ -229,6 +245,7 @@ def _report_adapter(metrics: dict, model: nn.Module, cfg: RunConfig, custom: boo
 def _finish(cfg: RunConfig, trainer, model: nn.Module, result, metrics: dict, t0: float) -> None:
     metrics["train_loss"] = result.training_loss
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    metrics["eval_losses"] = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
     metrics["dtypes"] = _dtypes(model, trainer.optimizer)
     out = Path(cfg.train.output_dir)
     info = {"data": cfg.data, "steps": cfg.train.max_steps, "learning_rate": cfg.train.lr, "engine": metrics["engine"],
@@ -266,10 +283,16 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     if given, receives the trained ``model`` and ``tokenizer`` (benchmarks score more splits)."""
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
+    check_launcher(cfg)
     check_output_dir(cfg, resume)  # before any expensive work, as the checkpoint search
-    splits = load_splits(cfg.data, cfg.eval_data)  # data checked and tokenized before any model loads
-    train_data = tokenized_dataset(splits.train, load_tokenizer(builtin.resolve_model_path(cfg.model)),
-                                   cfg.train.max_length, where=cfg.data)
+    splits = load_splits(cfg.data, cfg.eval_data, split=cfg.data_split, eval_split=cfg.eval_data_split, subset=cfg.data_subset,
+                         revision=cfg.data_revision, eval_fraction=cfg.eval_fraction)  # checked before any model loads
+    tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
+    train_data = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template)
+    if cfg.train.eval_steps and not splits.test:
+        raise ValueError("train.eval_steps needs held-out data: set eval_data or eval_fraction")
+    eval_data = tokenized_dataset(splits.test, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data,
+                                  chat=cfg.chat_template) if cfg.train.eval_steps else None
     engine = engines.create(cfg)
     engine.setup()
     checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None
@@ -280,10 +303,10 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     check_same_config(cfg)
     with OutputLock(Path(cfg.train.output_dir)):
-        return _train(cfg, engine, args, splits, train_data, checkpoint, resume, adapt, keep, t0)
+        return _train(cfg, engine, args, splits, (train_data, eval_data), checkpoint, resume, adapt, keep, t0)
 
 
-def _train(cfg: RunConfig, engine, args, splits, train_data, checkpoint, resume, adapt, keep, t0: float) -> dict:
+def _train(cfg: RunConfig, engine, args, splits, tokenized, checkpoint, resume, adapt, keep, t0: float) -> dict:
     """``run`` once the output folder is ours: load and adapt, train, save."""
     test = _held_out(cfg, splits)
     metrics = _start_metrics(cfg, engine, adapt is not None)
@@ -296,8 +319,8 @@ def _train(cfg: RunConfig, engine, args, splits, train_data, checkpoint, resume,
         model.enable_input_require_grads()
     if cfg.train.compile:
         compile_blocks(model)
-    evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine)
-    trainer = SVDTrainer(model=model, args=args, train_dataset=train_data,
+    evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine, cfg.chat_template)
+    trainer = SVDTrainer(model=model, args=args, train_dataset=tokenized[0], eval_dataset=tokenized[1],
                          data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine,
                          run=run_fingerprint(cfg, engine.name), nan_policy=cfg.train.nan_policy,
                          nan_skip_limit=cfg.train.nan_skip_limit)
@@ -400,6 +423,21 @@ def check_same_config(cfg: RunConfig) -> None:
         shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v}" for r, v in enumerate(vals)) for k, vals in list(diff.items())[:5])
         raise ValueError(f"the ranks of this job were started with different configurations ({shown}); launch every "
                          "rank with the same config file and overrides")
+
+
+def check_launcher(cfg: RunConfig) -> None:
+    """``accelerate launch`` with its DeepSpeed or FSDP plugin would wrap the model its own way and skip
+    svd_scale's sharded load and init: stop at once, saying which command runs the project's path."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and cfg.train.resolved_engine() != "deepspeed":
+        raise RuntimeError("accelerate launch --use_deepspeed: svd_scale runs ZeRO-3 through its own engine, which this "
+                           "launch would skip; use `deepspeed launch/train.py ... train.deepspeed=configs/deepspeed/zero3.json` "
+                           "(your own DeepSpeed JSON works too)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and cfg.train.resolved_engine() != "fsdp2":
+        raise RuntimeError("accelerate launch --use_fsdp: svd_scale shards with its own FSDP2 engine; add "
+                           "train.engine=fsdp2 and launch without the FSDP plugin (`torchrun --nproc_per_node N "
+                           "launch/train.py ... train.engine=fsdp2`)")
 
 
 def check_output_dir(cfg: RunConfig, resume) -> None:

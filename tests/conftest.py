@@ -114,3 +114,25 @@ def assert_same_peft_export(dir_a, dir_b, base, tmp, atol: float, rtol: float) -
     assert sorted(x) == sorted(y) and x
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=atol, rtol=rtol)
+
+
+def assert_chat_run_like_one_process(sharded_dir, model_dir, tmp, extra: tuple) -> None:
+    """A 2-rank run on tests/dist/chat_data's messages file logs the single-process run's training losses
+    (same global batch); its held-out loss (Trainer evaluation, batched per rank) is close."""
+    import json
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    import chat_data
+
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    got = json.loads((Path(sharded_dir) / "metrics.json").read_text())
+    ref = run(load_config(None, (f"model={model_dir}", f"data={chat_data.write(Path(tmp) / 'chat.jsonl')}", *extra,
+                                 *chat_data.ARGS, f"train.output_dir={Path(tmp) / 'chat_single'}")))
+    assert len(got["losses"]) == len(ref["losses"]) == 3 and len(got["eval_losses"]) == len(ref["eval_losses"]) == 1
+    for (_, a), (_, b) in zip(got["losses"], ref["losses"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert got["eval_losses"][0][1] == pytest.approx(ref["eval_losses"][0][1], rel=5e-2)

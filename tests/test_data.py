@@ -54,10 +54,12 @@ def test_jsonl_file_and_bad_columns(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) for i in range(40)))
     s = load_splits(str(p))
-    assert len(s.train) + len(s.test) == 40 and len(s.test) == 2
+    assert len(s.train) == 40 and not s.test  # nothing is held out unless asked
+    s = load_splits(str(p), eval_fraction=0.1)
+    assert len(s.train) == 36 and len(s.test) == 4 and not {r["prompt"] for r in s.train} & {r["prompt"] for r in s.test}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "x"}))
-    with pytest.raises(ValueError, match=r"needs 'prompt' and 'completion' columns.*\['question'\]"):
+    with pytest.raises(ValueError, match=r"found columns \['question'\]; expected those of one format: messages"):
         load_splits(str(bad))
 
 

@@ -248,20 +248,24 @@ def test_ranks_with_different_configurations_are_named():
 
 @pytest.mark.parametrize("content,match", [
     (b"", r"no examples"),
-    (b'{"prompt": "a", "completion": " b"}\n', r"1 example; at least 2 are needed"),
+    (b'{"prompt": "a", "completion": " b"}\n', r"1 example; eval_fraction=0.5 needs at least 2"),
     (b'{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n{"prompt": "e", completion: 1}\n',
      r"d.jsonl, line 3: not valid JSON"),
     (b'{"prompt": "a", "completion": " b"}\n{"prompt": "c"}\n', r"d.jsonl, row 2: 'completion' must be a non-empty string, got missing"),
     (b'{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": 5}\n', r"row 2: 'completion' .* got int 5"),
     (b'{"prompt": "a", "completion": " b"}\n{"prompt": "c\xff", "completion": " d"}\n', r"line 2, column 14: byte 0xff is not UTF-8"),
     (b'[1, 2]\n', r"line 1: a JSON list, expected an object"),
-], ids=["empty", "one_row", "malformed_line", "missing_field", "not_a_string", "not_utf8", "not_an_object"])
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"row 1: 'messages' has no assistant turn"),
+    (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', r"row 1: messages\[0\].role is 'bot'; allowed"),
+    (b'{"instruction": "a", "output": 3}\n', r"row 1: 'output' must be a non-empty string, got int 3"),
+], ids=["empty", "one_row", "malformed_line", "missing_field", "not_a_string", "not_utf8", "not_an_object",
+        "chat_without_answer", "chat_bad_role", "alpaca_bad_output"])
 def test_bad_data_files_are_refused_naming_file_line_or_row(content, match, tmp_path):
     from svd_scale.data import load_splits
 
     (tmp_path / "d.jsonl").write_bytes(content)
     with pytest.raises(ValueError, match=match):
-        load_splits(str(tmp_path / "d.jsonl"))
+        load_splits(str(tmp_path / "d.jsonl"), eval_fraction=0.5)
 
 
 def test_labels_cut_by_max_length_fail_before_the_model_loads(tmp_path):
@@ -276,7 +280,7 @@ def test_labels_cut_by_max_length_fail_before_the_model_loads(tmp_path):
                                                 for i in range(40)))
     args = (f"model={tmp_path / 'tok_only'}", f"data={tmp_path / 'd.jsonl'}", "train.max_steps=1",
             f"train.output_dir={tmp_path / 'out'}")
-    with pytest.raises(ValueError, match=r"none of the 38 examples keeps a label token within train.max_length=1"):
+    with pytest.raises(ValueError, match=r"none of the 40 examples keeps a label token within train.max_length=1"):
         run(load_config(None, (*args, "train.max_length=1")))
     from svd_scale.data import tokenized_dataset
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok_only")

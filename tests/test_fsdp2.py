@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_chat_run_like_one_process, assert_resumed_like_uninterrupted, assert_same_adapter, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist" / "fsdp2_job.py"
@@ -212,3 +212,14 @@ def test_compiled_layers_train_like_eager_under_fsdp2(job):
     assert len(a) == len(b) == 10
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
     assert_same_adapter(out / "train" / "adapter", out / "compiled" / "adapter", atol=1e-5, rtol=1e-4)
+
+
+def test_a_chat_file_trains_under_fsdp2_like_one_process(job, model_dir, tmp_path):
+    sys.path.insert(0, str(JOB.parent))
+    from fsdp2_job import LAUNCH_BATCH, RUN_ARGS
+
+    if job[0]["world"] != 2:
+        pytest.skip("the chat run is part of the 2-rank job")
+    out = Path(job[0]["out"]) / "chat"
+    assert json.loads((out / "metrics.json").read_text())["engine"] == "fsdp2"
+    assert_chat_run_like_one_process(out, model_dir, tmp_path, (*RUN_ARGS, f"train.batch_size={LAUNCH_BATCH}"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
+from conftest import assert_resumed_like_uninterrupted, assert_same_adapter, assert_chat_run_like_one_process, assert_same_peft_export, free_port, save_tiny_llama_with_real_tokenizer
 from safetensors.torch import load_file
 
 import svd_scale
@@ -304,3 +304,13 @@ def test_a_zero3_checkpoint_is_stamped_with_its_run_and_refused_by_another_engin
     cfg = load_config(str(out / "train" / "run_config.json"))  # the same run, now without DeepSpeed
     with pytest.raises(ValueError, match=r"engine: \"deepspeed\" there, \"single\" now"):
         check_checkpoint_run(str(ckpt), cfg, "single")
+
+
+def test_a_chat_file_trains_under_zero3_like_one_process(world2, model_dir, tmp_path):
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import GLOBAL_BATCH
+
+    _, out = world2
+    assert json.loads((out / "chat" / "metrics.json").read_text())["engine"] == "deepspeed"
+    assert_chat_run_like_one_process(out / "chat", model_dir, tmp_path,
+                                     ("rank=8", "train.eval_examples=0", f"train.batch_size={GLOBAL_BATCH}", "train.lr=1e-2"))

@@ -306,10 +306,11 @@ def set_leaf_modules(model) -> str:
 def run_config(path_or_dict, precision: str) -> dict:
     """The user's DeepSpeed JSON with the run's precision applied: bf16 runs in DeepSpeed's
     ``torch_autocast`` mode (parameters keep their dtypes: frozen base bf16, trainables
-    fp32 in the module and the optimizer); fp32 runs turn autocast off."""
+    fp32 in the module and the optimizer); fp32 runs turn autocast off. ``"enabled": "auto"`` (the
+    Hugging Face / LLaMA-Factory convention: follow the trainer) is read as ``train.precision``."""
     ds = read_ds_config(path_or_dict)
     for key in ("bf16", "fp16"):
-        if ds.get(key, {}).get("enabled") in (True, "auto"):
+        if ds.get(key, {}).get("enabled") is True:
             raise ValueError(f"{path_or_dict}: '{key}.enabled' would cast the fp32 trainables to 16 bit; "
                              "svd_scale uses 'torch_autocast' instead (set train.precision=bf16)")
         ds.pop(key, None)

@@ -212,6 +212,14 @@ def launch_path_checks(a, facts: dict, rank: int, world: int, out: Path) -> None
             shutil.copytree(src, out / "reworld", ignore=lambda d, names: drop & set(names) if d == str(src) else ())
         dist.barrier()
         run(load_config(None, (*launch, f"train.output_dir={out / 'reworld'}")), resume=True)
+    if world == 2:  # a chat file: template, assistant-only labels, eval loss through the Trainer
+        import chat_data
+
+        chat = out / "chat.jsonl"
+        if rank == 0:
+            chat_data.write(chat)
+        dist.barrier()
+        run(load_config(None, (*launch, f"data={chat}", *chat_data.ARGS, f"train.output_dir={out / 'chat'}")))
     # train.compile: the same run with every (FSDP2-sharded) decoder layer under torch.compile
     kept: dict = {}
     run(load_config(None, (*launch, "train.compile=true", f"train.output_dir={out / 'compiled'}")), keep=kept)

@@ -176,6 +176,14 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
     # gradient checkpointing: the engine makes every decoder layer a ZeRO-3 leaf module
     run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true",
                            f"train.output_dir={out / 'checkpointed'}")))
+    if bf16:  # (world 2 only) a chat file: template, assistant-only labels, eval loss through the Trainer
+        import chat_data
+
+        chat = out / "chat.jsonl"
+        if dist.get_rank() == 0:
+            chat_data.write(chat)
+        dist.barrier()
+        run(load_config(None, (*common, f"data={chat}", *chat_data.ARGS, f"train.output_dir={out / 'chat'}")))
     if bf16:
         # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
         run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",
