@@ -238,6 +238,9 @@ class TrainConfig:
     nan_skip_limit: int = field(default=10, metadata={"help": "nan_policy=skip: stop once more steps than this were skipped"})
     resume_check: bool = field(default=True, metadata={"help": "--resume refuses a checkpoint written by a run "
                                "with other settings (data, lr, method, engine...); false resumes it anyway"})
+    packing: str = field(default="auto", metadata={"help": "padding-free batches: the micro-batch's examples in one row with "
+                         "position ids restarting per example (no pad tokens); auto: on where transformers keeps the examples "
+                         "apart exactly (models whose masks come from create_causal_mask), true, false"})
     num_epochs: Optional[float] = field(default=None, metadata={"help": "train for this many passes over the data "
                                         "instead of train.max_steps"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps through the Trainer (0: only "
@@ -250,6 +253,8 @@ class TrainConfig:
                         "LoRA/DoRA folder, output_dir/peft), merged (a plain transformers checkpoint, output_dir/merged) or none"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.packing, bool):  # `packing: false` in YAML
+            self.packing = str(self.packing).lower()
         _typed(self, "train")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "logging_steps"):
             _positive(f"train.{name}", getattr(self, name))
@@ -264,6 +269,7 @@ class TrainConfig:
         _choice("train.eval_split", self.eval_split, EVAL_SPLITS)
         _choice("train.export", self.export, EXPORTS)
         _choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("train.packing", self.packing, ("auto", "true", "false"))
         if self.num_epochs is not None:
             _positive("train.num_epochs", self.num_epochs)
         _positive("train.eval_steps", self.eval_steps, allow_zero=True)

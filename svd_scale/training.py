@@ -321,7 +321,7 @@ def _train(cfg: RunConfig, engine, args, splits, tokenized, checkpoint, resume, 
         compile_blocks(model)
     evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine, cfg.chat_template)
     trainer = SVDTrainer(model=model, args=args, train_dataset=tokenized[0], eval_dataset=tokenized[1],
-                         data_collator=Collator(tok.pad_token_id), callbacks=[evaluation], engine=engine,
+                         data_collator=collator(cfg, model, tok, metrics), callbacks=[evaluation], engine=engine,
                          run=run_fingerprint(cfg, engine.name), nan_policy=cfg.train.nan_policy,
                          nan_skip_limit=cfg.train.nan_skip_limit)
     evaluation.trainer = trainer
@@ -337,6 +337,38 @@ def _train(cfg: RunConfig, engine, args, splits, tokenized, checkpoint, resume, 
     if keep is not None:
         keep.update(model=model, tokenizer=tok)
     return metrics
+
+
+def packing_is_exact(model: nn.Module) -> bool:
+    """Whether a padding-free batch keeps its examples apart: transformers builds a block-diagonal mask
+    from restarting position ids (``masking_utils.find_packed_sequence_indices``) in models whose forward
+    calls ``create_causal_mask``, when no attention mask and no cache are passed."""
+    import inspect
+    import sys
+
+    for m in model.modules():  # the transformers model inside any wrapper (FSDP2's class, PEFT's)
+        for cls in type(m).__mro__:
+            if cls.__module__.startswith("transformers.models."):
+                try:
+                    return "create_causal_mask(" in inspect.getsource(sys.modules[cls.__module__])
+                except (OSError, TypeError, KeyError):
+                    return False
+    return False
+
+
+def collator(cfg: RunConfig, model: nn.Module, tok, metrics: dict):
+    """``train.packing``: transformers' ``DataCollatorWithFlattening`` (one row per micro-batch, position ids
+    restarting at each example, the first label of each example masked as it is never predicted) or
+    right padding. Packing needs the model to run without a KV cache, so that the mask is built from the
+    position ids."""
+    from transformers import DataCollatorWithFlattening
+
+    on = cfg.train.packing == "true" or (cfg.train.packing == "auto" and packing_is_exact(model))
+    metrics["packing"] = on
+    if not on:
+        return Collator(tok.pad_token_id)
+    model.config.use_cache = False
+    return DataCollatorWithFlattening(return_position_ids=True)
 
 
 def compile_blocks(model: nn.Module) -> None:

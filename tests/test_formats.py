@@ -140,3 +140,19 @@ def test_format_detection_names_what_it_accepts():
     assert formats.detect({"messages", "id"}) == "messages" and formats.detect({"instruction", "output"}) == "alpaca"
     assert formats.detect({"conversations"}) == "sharegpt" and formats.detect({"text"}) == "text"
     assert formats.detect({"question", "answer"}) is None
+
+
+def test_packed_batches_train_exactly_like_padded_ones(tmp_path):
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=48",
+            "train.eval_examples=0", "train.logging_steps=1", "train.lr=1e-2")
+    packed = run(load_config(None, (*args, f"train.output_dir={tmp_path / 'p'}")))  # auto: Llama packs exactly
+    padded = run(load_config(None, (*args, "train.packing=false", f"train.output_dir={tmp_path / 'u'}")))
+    assert packed["packing"] is True and padded["packing"] is False
+    for (_, a), (_, b) in zip(packed["losses"], padded["losses"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    from conftest import assert_same_adapter
+    assert_same_adapter(tmp_path / "p" / "adapter", tmp_path / "u" / "adapter", atol=1e-6, rtol=1e-5)
