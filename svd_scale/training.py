@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,6 +42,8 @@ log = logging.getLogger("svd_scale")
 
 RESUME_STATE = "training_state.safetensors"  # in each checkpoint-N folder, beside the exported adapter
 RUN_KEY = "svd_scale_run"  # RESUME_STATE's metadata: the fingerprint of the run that wrote it
+SAVE_KEY = "svd_scale_save"  # ... and the id of the save it belongs to
+MARKER = "svd_scale_checkpoint.json"  # written last into a checkpoint, with that save id: the save finished
 # Keys a resumed run may change: where and how often it writes, how long it runs, what it reports.
 RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.logging_steps", "train.eval_examples",
              "train.eval_before", "train.eval_split", "train.overwrite", "train.timeout_minutes", "train.export",
@@ -107,8 +110,21 @@ class SVDTrainer(Trainer):
 
             state = training_state_dict(model)  # collective
             if self.args.should_save:
-                meta = {RUN_KEY: json.dumps(self.svd_run, sort_keys=True)} if self.svd_run else None
+                self.svd_save = (output_dir, uuid.uuid4().hex)
+                meta = {SAVE_KEY: self.svd_save[1], **({RUN_KEY: json.dumps(self.svd_run, sort_keys=True)} if self.svd_run else {})}
                 save_file(state, os.path.join(output_dir, RESUME_STATE), metadata=meta)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then :data:`MARKER` naming the save id of its adapter state: a checkpoint
+        whose marker is missing, or names another save (a rewrite into an old checkpoint cut short), is
+        not complete (``checkpoint_problem``)."""
+        self.svd_save = None
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.svd_save:
+            folder, save_id = self.svd_save
+            tmp = Path(folder) / f".{MARKER}.{save_id}.tmp"
+            tmp.write_text(json.dumps({"save_id": save_id, "step": self.state.global_step}))
+            os.replace(tmp, Path(folder) / MARKER)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The adapter as training held it (unpruned) and model-level training state;
@@ -559,6 +575,16 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
         return "trainer_state.json is unreadable (its save was interrupted)"
     if not (ckpt / RESUME_STATE).is_file():
         return f"no {RESUME_STATE} (not written by svd_scale, or its save was interrupted)"
+    from safetensors import safe_open
+
+    try:
+        marker = json.loads((ckpt / MARKER).read_text())["save_id"]
+        with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
+            state_id = (f.metadata() or {}).get(SAVE_KEY)
+    except (OSError, ValueError, KeyError):
+        return f"no readable {MARKER} (its save was interrupted before the end)"
+    if marker != state_id:
+        return f"its files come from two different saves ({MARKER} {marker}, {RESUME_STATE} {state_id}): a rewrite was cut short"
     return None
 
 
