@@ -239,8 +239,8 @@ class TrainConfig:
     resume_check: bool = field(default=True, metadata={"help": "--resume refuses a checkpoint written by a run "
                                "with other settings (data, lr, method, engine...); false resumes it anyway"})
     packing: str = field(default="auto", metadata={"help": "padding-free batches: the micro-batch's examples in one row with "
-                         "position ids restarting per example (no pad tokens); auto: on where transformers keeps the examples "
-                         "apart exactly (models whose masks come from create_causal_mask), true, false"})
+                         "position ids restarting per example (no pad tokens); auto: on where it is exact and cheaper (masks "
+                         "from create_causal_mask and a flash/flex attention kernel), true, false"})
     num_epochs: Optional[float] = field(default=None, metadata={"help": "train for this many passes over the data "
                                         "instead of train.max_steps"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps through the Trainer (0: only "
@@ -381,6 +381,10 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {p!r} is not a section")
+    if parts[0] == "train":  # an override replaces the setting under either spelling (lr / learning_rate)
+        same = {parts[-1], TRAIN_ALIASES.get(parts[-1])} | {a for a, n in TRAIN_ALIASES.items() if n == parts[-1]}
+        for other in same - {parts[-1], None}:
+            node.pop(other, None)
     node[parts[-1]] = _coerce(value)
 
 

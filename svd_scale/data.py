@@ -126,8 +126,9 @@ def read_source(spec: str, split: str = "train", subset: Optional[str] = None,
     try:  # a folder of data files, or a Hub id (read from the local cache when offline)
         return datasets.load_dataset(spec, subset, split=split, revision=revision).to_list()
     except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise type(e)(f"data {spec!r} (split {split!r}{f', subset {subset!r}' if subset else ''}) could not be "
-                      f"loaded: {str(e)[:400]}") from None
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"data {spec!r} (split {split!r}{f', subset {subset!r}' if subset else ''}) could not be "
+                   f"loaded: {type(e).__name__}: {str(e)[:400]}") from None
 
 
 def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "train", eval_split: str = "test",

@@ -56,6 +56,9 @@ class BaseWeights:
     def __init__(self, base: Union[str, os.PathLike, nn.Module]):
         self.model = base if isinstance(base, nn.Module) else None
         self.files = None if self.model is not None else safetensors_map(Path(base))
+        if self.model is not None and any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()):
+            raise ValueError("export from a ZeRO-3/FSDP2-sharded model in memory is not supported: save the adapter "
+                             "(save_adapter) and export the folder with base=<the base model's folder>")
 
     def __call__(self, name: str, info: dict, t: dict) -> torch.Tensor:
         if self.model is not None:
@@ -67,13 +70,22 @@ class BaseWeights:
             return math_dtype(to_out_in(m, m.weight.detach()))
         from safetensors import safe_open
 
-        key = f"{name}.weight"
-        if key not in self.files:
-            raise KeyError(f"the base checkpoint has no tensor {key!r} (adapted layer {name}); is it the base "
+        key = checkpoint_key(self.files, name)
+        if key is None:
+            raise KeyError(f"the base checkpoint has no tensor {name}.weight (adapted layer {name}); is it the base "
                            "this adapter was trained on?")
         with safe_open(str(self.files[key]), framework="pt") as f:
             W = f.get_tensor(key)
         return math_dtype(W.t() if info.get("conv1d") else W)
+
+
+def checkpoint_key(files: dict, name: str) -> Optional[str]:
+    """The checkpoint's key of module ``name``'s weight: ``<name>.weight``, or without the model's prefix
+    (GPT-2's Hub checkpoint stores ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn``)."""
+    for key in (f"{name}.weight", f"{name.partition('.')[2]}.weight"):
+        if key in files:
+            return key
+    return None
 
 
 def safetensors_map(folder: Path) -> dict[str, Path]:
@@ -147,6 +159,8 @@ def export_peft(adapter: Union[str, os.PathLike, nn.Module], out_dir: str, *,
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if form == "dora" and rank is not None:
         raise ValueError("rank applies to form='lora' (a DoRA export keeps the adapter's own rank)")
+    if rank is not None:
+        form = "lora"  # a rank asks for a LoRA of that rank
     if base is None and not isinstance(adapter, nn.Module):
         raise ValueError("export_peft of an adapter folder needs base= (the base model's folder or the loaded model)")
     cfg, meta, state = _source(adapter)
@@ -182,32 +196,44 @@ def _model_card(cfg, meta: dict, base: str) -> str:
             f"Exported {datetime.date.today().isoformat()}.\n")
 
 
-def _merge_shard(path: Path, todo: dict, cls, cfg, state: dict) -> dict:
+def _merge_shard(path: Path, todo: dict, keys: dict, cls, cfg, state: dict) -> dict:
     """One safetensors shard with each adapted weight replaced by the merged one (the shard's dtype)."""
     from safetensors.torch import load_file
 
     shard = load_file(str(path))
     for name, info in todo.items():
         t, opts = _layer_tensors(cls, name, info, cfg, state)
-        W = shard[f"{name}.weight"]
+        W = shard[keys[name]]
         W0 = math_dtype(W.t() if info.get("conv1d") else W).to(torch.float64)
         M = cls.merge(cls.residual(W0, t, opts), t, opts)
         if not torch.isfinite(M).all():
             raise ValueError(f"merged weight of {name} has non-finite values; refusing to export")
-        shard[f"{name}.weight"] = (M.t() if info.get("conv1d") else M).to(W.dtype).contiguous()
+        shard[keys[name]] = (M.t() if info.get("conv1d") else M).to(W.dtype).contiguous()
     return shard
+
+
+def _write_merged(staging: Path, base: Path, files: dict, keys: dict, cfg, meta: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    cls = get_method(cfg.method)
+    for path in sorted(set(files.values())):
+        todo = {n: i for n, i in meta["layers"].items() if files[keys[n]] == path}
+        save_file(_merge_shard(path, todo, keys, cls, cfg, state), str(staging / path.name), metadata={"format": "pt"})
+    for f in base.iterdir():  # config, tokenizer, chat template, generation config, shard index
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in ("README.md", ".gitattributes"):
+            shutil.copy2(f, staging / f.name)
+    (staging / "README.md").write_text(_model_card(cfg, meta, str(base)))
 
 
 def export_merged(adapter_dir: str, base_dir: str, out_dir: str) -> dict:
     """Write base + adapter as one plain transformers checkpoint in ``out_dir`` (module docstring),
     reading and writing one safetensors shard at a time. ``out_dir`` must not exist or be empty; the
     files are written to a temporary folder beside it that is renamed into place when complete."""
-    from safetensors.torch import save_file
-
     cfg, meta, state = read_adapter(adapter_dir)
     base, out = Path(base_dir), Path(out_dir)
     files = safetensors_map(base)
-    missing = [n for n in meta["layers"] if f"{n}.weight" not in files]
+    keys = {n: checkpoint_key(files, n) for n in meta["layers"]}
+    missing = [n for n, k in keys.items() if k is None]
     if missing:
         raise KeyError(f"{base}: no weights for adapted layers {missing[:3]} ({len(missing)} in all); is it the base "
                        "this adapter was trained on?")
@@ -215,14 +241,11 @@ def export_merged(adapter_dir: str, base_dir: str, out_dir: str) -> dict:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder (nothing is overwritten)")
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir(parents=True)
-    cls = get_method(cfg.method)
-    for path in sorted(set(files.values())):
-        todo = {n: i for n, i in meta["layers"].items() if files[f"{n}.weight"] == path}
-        save_file(_merge_shard(path, todo, cls, cfg, state), str(staging / path.name), metadata={"format": "pt"})
-    for f in base.iterdir():  # config, tokenizer, chat template, generation config, shard index
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in ("README.md", ".gitattributes"):
-            shutil.copy2(f, staging / f.name)
-    (staging / "README.md").write_text(_model_card(cfg, meta, str(base)))
+    try:
+        _write_merged(staging, base, files, keys, cfg, meta, state)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # our own temporary folder: nothing half-written stays
+        raise
     if out.exists():
         out.rmdir()  # empty, checked above
     os.replace(staging, out)

@@ -279,7 +279,7 @@ def load_adapter(model: nn.Module, directory: str, *, access: Optional[WeightAcc
     ``apply`` with the saved tensors as the source: no SVD, exact outputs. A PEFT LoRA folder is
     read as the ``lora`` method. ``check_base=False`` skips the base-model fingerprint check (module
     docstring) -- only for a base you know is the one the adapter was trained on."""
-    if peft_format.is_peft_folder(directory):
+    if not (Path(directory) / CONFIG_NAME).is_file() and peft_format.is_peft_folder(directory):  # ours first
         cfg, layers_meta, state = peft_format.read_lora(directory)
         return apply(model, cfg, source=SavedAdapter(directory, cfg, layers_meta, state), access=access)
     cfg, meta, state = read_adapter(directory)

@@ -48,7 +48,9 @@ MARKER = "svd_scale_checkpoint.json"  # written last into a checkpoint, with tha
 RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.logging_steps", "train.eval_examples",
              "train.eval_before", "train.eval_split", "train.overwrite", "train.timeout_minutes", "train.export",
              "train.resume_check", "train.compile", "train.deepspeed", "train.engine", "train.nan_policy",
-             "train.nan_skip_limit")  # train.engine: the engine itself is compared (below)
+             "train.nan_skip_limit", "train.gradient_checkpointing", "train.eval_steps", "train.report_to",
+             "train.run_name", "train.hf_args", "train.num_epochs", "train.packing", "eval_data", "eval_data_split",
+             "eval_fraction")  # train.engine: the engine itself is compared (below)
 
 
 class SVDTrainer(Trainer):
@@ -59,6 +61,8 @@ class SVDTrainer(Trainer):
         self.svd_engine, self.svd_run = engine, run  # run: run_fingerprint(), stamped on every checkpoint
         self.nan_policy, self.nan_skip_limit, self.skipped_steps = nan_policy, nan_skip_limit, []
         super().__init__(*args, **kwargs)
+        if nan_policy == "skip":
+            self.add_callback(_DropFlaggedStep(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -81,8 +85,8 @@ class SVDTrainer(Trainer):
             torch.distributed.all_reduce(bad)
         if bad.item():
             step = self.state.global_step + 1
-            if self.nan_policy == "skip" and len(self.skipped_steps) < self.nan_skip_limit:
-                self._skip_update(model, step)
+            if self.nan_policy == "skip" and (step in self.skipped_steps or len(self.skipped_steps) < self.nan_skip_limit):
+                self._flag_skip(step)
                 return loss
             limit = f" after skipping {len(self.skipped_steps)} step(s) (train.nan_skip_limit)" if self.skipped_steps else ""
             raise FloatingPointError(
@@ -90,16 +94,22 @@ class SVDTrainer(Trainer):
                 "nothing from this step was saved (lower train.lr; --resume continues from the last checkpoint)")
         return loss
 
-    def _skip_update(self, model, step: int) -> None:
-        """``nan_policy=skip``: every rank drops the gradients accumulated for this step, so the optimizer
-        leaves the adapter and its moments unchanged (AdamW skips parameters without a gradient)."""
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = None
-        if not self.skipped_steps or self.skipped_steps[-1] != step:
+    def _flag_skip(self, step: int) -> None:
+        """``nan_policy=skip``: mark this optimizer step (once, whichever micro-batch of it was non-finite);
+        :meth:`drop_flagged_step` drops its whole update at the accumulation boundary."""
+        if step not in self.skipped_steps:
             self.skipped_steps.append(step)
             say(f"step {step}: non-finite loss; its update is skipped ({len(self.skipped_steps)} of at most "
                 f"{self.nan_skip_limit})")
+
+    def drop_flagged_step(self) -> None:
+        """Before the optimizer step: every rank drops the gradients of a flagged step (all its micro-batches),
+        so the optimizer leaves the adapter and its moments unchanged (AdamW skips parameters without a
+        gradient)."""
+        if self.skipped_steps and self.skipped_steps[-1] == self.state.global_step + 1:
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = None
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -152,6 +162,16 @@ class SVDTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
 
 
+class _DropFlaggedStep(TrainerCallback):
+    """Calls :meth:`SVDTrainer.drop_flagged_step` between gradient clipping and the optimizer step."""
+
+    def __init__(self, trainer: "SVDTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.drop_flagged_step()
+
+
 def save_any_adapter(model: nn.Module, directory: str, info: Optional[dict] = None) -> None:
     """svd_scale adapters through save_adapter; a PEFT baseline through its own save_pretrained."""
     if any(True for _ in adapter_layers(model)):
@@ -172,7 +192,7 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
     steps = dict(num_train_epochs=t.num_epochs, max_steps=-1, warmup_steps=min(t.warmup_ratio, 0.999)) \
         if t.num_epochs else dict(max_steps=t.max_steps, warmup_steps=int(round(t.warmup_ratio * t.max_steps)))
     evals = dict(eval_strategy="steps", eval_steps=t.eval_steps, per_device_eval_batch_size=t.batch_size) if t.eval_steps else {}
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=t.output_dir,
         **steps,
         **evals,
@@ -195,8 +215,9 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
         dataloader_num_workers=0,
         disable_tqdm=not is_main(),
         ddp_timeout=max(1, int(round(60 * t.timeout_minutes))),
-        **{**engine.trainer_arguments(), **t.hf_args},
+        **engine.trainer_arguments(),
     )
+    return TrainingArguments(**{**kwargs, **t.hf_args})
 
 
 def report_to(value: str) -> str:
@@ -264,7 +285,7 @@ def _finish(cfg: RunConfig, trainer, model: nn.Module, result, metrics: dict, t0
     metrics["eval_losses"] = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
     metrics["dtypes"] = _dtypes(model, trainer.optimizer)
     out = Path(cfg.train.output_dir)
-    info = {"data": cfg.data, "steps": cfg.train.max_steps, "learning_rate": cfg.train.lr, "engine": metrics["engine"],
+    info = {"data": cfg.data, "steps": trainer.state.global_step, "learning_rate": cfg.train.lr, "engine": metrics["engine"],
             "world_size": metrics["world_size"], "train_loss": round(result.training_loss, 6)}
     save_any_adapter(model, str(out / "adapter"), info)  # collective when sharded
     metrics["total_seconds"] = round(time.time() - t0, 1)
@@ -307,7 +328,8 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     train_data = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template)
     if cfg.train.eval_steps and not splits.test:
         raise ValueError("train.eval_steps needs held-out data: set eval_data or eval_fraction")
-    eval_data = tokenized_dataset(splits.test, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data,
+    held = splits.validation if cfg.train.eval_split == "validation" else splits.test
+    eval_data = tokenized_dataset(held, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data,
                                   chat=cfg.chat_template) if cfg.train.eval_steps else None
     engine = engines.create(cfg)
     engine.setup()
@@ -379,7 +401,9 @@ def collator(cfg: RunConfig, model: nn.Module, tok, metrics: dict):
     position ids."""
     from transformers import DataCollatorWithFlattening
 
-    on = cfg.train.packing == "true" or (cfg.train.packing == "auto" and packing_is_exact(model))
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    varlen = attn.startswith(("flash_attention", "flex_attention"))  # cost per example; sdpa/eager: one (B*l)^2 mask
+    on = cfg.train.packing == "true" or (cfg.train.packing == "auto" and varlen and packing_is_exact(model))
     metrics["packing"] = on
     if not on:
         return Collator(tok.pad_token_id)
@@ -436,7 +460,10 @@ def run_fingerprint(cfg: RunConfig, engine_name: str) -> dict:
     d = cfg.to_dict()
     for key in RESUMABLE + ("train.batch_size", "train.grad_accum"):
         section, _, name = key.partition(".")
-        d.get(section, {}).pop(name, None)
+        if name:
+            d.get(section, {}).pop(name, None)
+        else:
+            d.pop(section, None)
     ranks = world()[1] if world()[1] > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # before the group exists
     return {**d, "engine": engine_name, "global_batch": cfg.train.batch_size * cfg.train.grad_accum * ranks}
 
@@ -452,7 +479,8 @@ def check_checkpoint_run(checkpoint: str, cfg: RunConfig, engine_name: str) -> N
         if stamp is None:
             say(f"--resume: {checkpoint} carries no run fingerprint (written before svd_scale 0.2); not checked")
         return
-    diff = config_differences([json.loads(stamp), run_fingerprint(cfg, engine_name)])
+    saved, now = json.loads(stamp), run_fingerprint(cfg, engine_name)
+    diff = {k: v for k, v in config_differences([saved, now]).items() if None not in v}  # keys both runs know
     if diff:
         shown = "; ".join(f"{k}: {a} there, {b} now" for k, (a, b) in list(diff.items())[:6])
         raise ValueError(f"--resume: {checkpoint} was written by a different run ({shown}). Resume with that run's "
@@ -582,10 +610,23 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
         with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
             state_id = (f.metadata() or {}).get(SAVE_KEY)
     except (OSError, ValueError, KeyError):
+        marker, state_id = None, _state_save_id(ckpt)
+        if state_id is None:  # written before checkpoints had markers: trainer_state.json marks the end
+            return None
         return f"no readable {MARKER} (its save was interrupted before the end)"
     if marker != state_id:
         return f"its files come from two different saves ({MARKER} {marker}, {RESUME_STATE} {state_id}): a rewrite was cut short"
     return None
+
+
+def _state_save_id(ckpt: Path) -> Optional[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
+            return (f.metadata() or {}).get(SAVE_KEY)
+    except (OSError, ValueError):
+        return None
 
 
 def find_checkpoint(output_dir: str, resume) -> str:

@@ -345,23 +345,26 @@ def test_nan_policy_skip_drops_that_steps_update_and_stops_past_its_limit(tmp_pa
     from svd_scale.training import SVDTrainer, run
 
     orig = SVDTrainer.compute_loss
-    bad_steps = {2}
+    bad_steps, calls = {2}, []
 
-    def compute_loss(self, *a, **kw):  # a non-finite loss at the chosen steps (e.g. one bad batch)
+    def compute_loss(self, *a, **kw):  # a non-finite loss in the FIRST micro-batch of the chosen steps
         out = orig(self, *a, **kw)
-        return out * float("nan") if self.state.global_step + 1 in bad_steps else out
+        step = self.state.global_step + 1
+        calls.append(step)
+        return out * float("nan") if step in bad_steps and calls.count(step) == 1 else out
 
     monkeypatch.setattr(SVDTrainer, "compute_loss", compute_loss)
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
-    args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=32",
+    args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=2", "train.grad_accum=2", "train.max_length=32",
             "train.eval_examples=0", "train.logging_steps=1", "train.save_steps=1", "train.lr=1e-2", "train.nan_policy=skip")
     out = tmp_path / "skip"
     metrics = run(load_config(None, (*args, f"train.output_dir={out}")))
     assert metrics["skipped_steps"] == [2]
     one, two, three = (load_file(str(out / f"checkpoint-{i}" / "training_state.safetensors")) for i in (1, 2, 3))
-    assert all(torch.equal(one[k], two[k]) for k in one)  # step 2 changed nothing
+    assert all(torch.equal(one[k], two[k]) for k in one)  # step 2 changed nothing, its finite micro-batch included
     assert any(not torch.equal(two[k], three[k]) for k in two) and not sio.non_finite(three)
     bad_steps.update({2, 3})
+    calls.clear()
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .* after skipping 1 step\(s\)"):
         run(load_config(None, (*args, "train.nan_skip_limit=1", f"train.output_dir={tmp_path / 'limit'}")))
     with pytest.raises(ValueError, match="nan_policy=skip is not supported with DeepSpeed"):

@@ -108,14 +108,19 @@ def test_a_chat_file_trains_with_eval_loss_hf_names_and_tensorboard(tmp_path):
     assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
-def test_hf_args_reach_training_arguments_and_accelerate_plugins_are_refused(monkeypatch):
+def test_hf_args_reach_training_arguments_and_accelerate_plugins_are_refused(monkeypatch, tmp_path):
     from svd_scale import engines
     from svd_scale.config import load_config
     from svd_scale.training import run, training_arguments
 
-    cfg = load_config(None, ("train.hf_args={optim: adafactor, max_grad_norm: 0.25}", "train.num_epochs=2"))
+    cfg = load_config(None, ("train.hf_args={optim: adafactor, max_grad_norm: 0.25, dataloader_num_workers: 1}",
+                             "train.num_epochs=2"))
     args = training_arguments(cfg, engines.create(cfg))
     assert args.optim == "adafactor" and args.max_grad_norm == 0.25 and args.num_train_epochs == 2 and args.max_steps == -1
+    assert args.dataloader_num_workers == 1  # hf_args win over svd_scale's own choices
+    yaml_cfg = tmp_path / "c.yaml"
+    yaml_cfg.write_text("train:\n  learning_rate: 0.5\n")
+    assert load_config(str(yaml_cfg), ("lr=1e-4",)).train.lr == 1e-4  # an override replaces either spelling
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RuntimeError, match=r"deepspeed launch/train.py"):
         run(load_config(None, ()))
@@ -149,8 +154,8 @@ def test_packed_batches_train_exactly_like_padded_ones(tmp_path):
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
     args = (f"model={model}", "rank=4", "train.max_steps=3", "train.batch_size=4", "train.max_length=48",
             "train.eval_examples=0", "train.logging_steps=1", "train.lr=1e-2")
-    packed = run(load_config(None, (*args, f"train.output_dir={tmp_path / 'p'}")))  # auto: Llama packs exactly
-    padded = run(load_config(None, (*args, "train.packing=false", f"train.output_dir={tmp_path / 'u'}")))
+    packed = run(load_config(None, (*args, "train.packing=true", f"train.output_dir={tmp_path / 'p'}")))
+    padded = run(load_config(None, (*args, f"train.output_dir={tmp_path / 'u'}")))  # auto: sdpa pads (cheaper)
     assert packed["packing"] is True and padded["packing"] is False
     for (_, a), (_, b) in zip(packed["losses"], padded["losses"]):
         assert a == pytest.approx(b, rel=1e-5)
