@@ -471,10 +471,7 @@ def run_fingerprint(cfg: RunConfig, engine_name: str) -> dict:
 def check_checkpoint_run(checkpoint: str, cfg: RunConfig, engine_name: str) -> None:
     """Refuse to resume a checkpoint another run wrote (other data, lr, method, engine...), naming the
     differing keys; ``train.resume_check=false`` resumes it anyway."""
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(checkpoint, RESUME_STATE), framework="pt") as f:
-        stamp = (f.metadata() or {}).get(RUN_KEY)
+    stamp = _state_metadata(Path(checkpoint)).get(RUN_KEY)
     if stamp is None or not cfg.train.resume_check:
         if stamp is None:
             say(f"--resume: {checkpoint} carries no run fingerprint (written before svd_scale 0.2); not checked")
@@ -603,14 +600,10 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
         return "trainer_state.json is unreadable (its save was interrupted)"
     if not (ckpt / RESUME_STATE).is_file():
         return f"no {RESUME_STATE} (not written by svd_scale, or its save was interrupted)"
-    from safetensors import safe_open
-
+    state_id = _state_metadata(ckpt).get(SAVE_KEY)
     try:
         marker = json.loads((ckpt / MARKER).read_text())["save_id"]
-        with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
-            state_id = (f.metadata() or {}).get(SAVE_KEY)
     except (OSError, ValueError, KeyError):
-        marker, state_id = None, _state_save_id(ckpt)
         if state_id is None:  # written before checkpoints had markers: trainer_state.json marks the end
             return None
         return f"no readable {MARKER} (its save was interrupted before the end)"
@@ -619,14 +612,16 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
     return None
 
 
-def _state_save_id(ckpt: Path) -> Optional[str]:
+def _state_metadata(ckpt: Path) -> dict:
+    """The safetensors metadata of a checkpoint's adapter training state (run fingerprint, save id); {} if
+    the file cannot be read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(ckpt / RESUME_STATE), framework="pt") as f:
-            return (f.metadata() or {}).get(SAVE_KEY)
+            return f.metadata() or {}
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def find_checkpoint(output_dir: str, resume) -> str:

@@ -172,11 +172,14 @@ def test_an_adapter_folder_from_before_the_rename_still_loads(tokens, tmp_path):
 def test_export_command_writes_both_forms(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     svd_scale.save_adapter(_trained(tiny_llama, "svd_scale"), str(tmp_path / "ad"))
+    said = {}
     for to in ("peft", "merged"):
         out = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(tmp_path / "ad"), "--base",
                               str(tmp_path / "base"), "--to", to, str(tmp_path / to)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-    assert "DoRA" in out.stdout or (tmp_path / "peft" / "adapter_config.json").is_file()
+        said[to] = out.stdout
+    assert "PEFT DoRA adapter (rank 6" in said["peft"] and ": exact" in said["peft"]
+    assert "merged checkpoint written to" in said["merged"]
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     bad = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(tmp_path / "ad"), "--base",
