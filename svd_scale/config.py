@@ -212,7 +212,8 @@ class TrainConfig:
     max_steps: int = field(default=120, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "micro-batch per device"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (svd_scale's, chosen by bench/quality.py; see configs for others)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate; null: the method's default_lr "
+                                "(svd_scale 1e-2 ... chosen by bench/quality.py, see docs/methods.md)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
@@ -260,7 +261,8 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         for name in ("weight_decay", "warmup_ratio", "save_steps", "eval_examples", "seed"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        _positive("train.lr", self.lr)
+        if self.lr is not None:
+            _positive("train.lr", self.lr)
         _positive("train.timeout_minutes", self.timeout_minutes)
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"train.warmup_ratio is a fraction of the steps, in [0, 1], got {self.warmup_ratio!r}")
@@ -316,6 +318,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _typed(self, "")
+        if self.train.lr is None:  # the method's own rate (a user who sets none gets one that fits the method)
+            from .methods import get_method
+
+            self.train.lr = get_method(self.adapter.method).default_lr
+            if self.train.lr is None:
+                raise ValueError(f"train.lr is not set and method {self.adapter.method!r} declares no default_lr; set train.lr")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction is a fraction of the data, in [0, 1), got {self.eval_fraction!r}")
 

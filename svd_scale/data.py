@@ -139,7 +139,8 @@ def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "tra
             raise ValueError(f"unknown built-in data {spec!r}; known: {[builtin.BUILTIN_PREFIX + k for k in builtin.BUILTIN_DATA]}")
         records = builtin.BUILTIN_DATA[key][0]()
         random.Random(SPLIT_SEED).shuffle(records)
-        return Splits(records[TEST_SIZE + VAL_SIZE:], records[TEST_SIZE:TEST_SIZE + VAL_SIZE], records[:TEST_SIZE])
+        n_test, n_val = builtin.BUILTIN_SPLITS.get(key, (TEST_SIZE, VAL_SIZE))
+        return Splits(records[n_test + n_val:], records[n_test:n_test + n_val], records[:n_test])
     records = read_source(spec, split, subset, revision)
     check_records(spec, records)
     if eval_spec:

@@ -117,7 +117,9 @@ def _adapter_meta(model: nn.Module, state: dict) -> dict:
         if is_conv1d(l.base_layer):
             layers[n]["conv1d"] = True  # stored in x out in the base checkpoint (GPT-2)
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return {"format": FORMAT_VERSION, "adapter": cfg.to_dict(), "layers": layers, "base_model_name_or_path": base,
+    # every method option written with its value, so a later change of a default cannot change how it reads
+    adapter = {**cfg.to_dict(), **cfg.method_options()}
+    return {"format": FORMAT_VERSION, "adapter": adapter, "layers": layers, "base_model_name_or_path": base,
             "base_fingerprint": base_fingerprint(model)}
 
 
@@ -195,7 +197,18 @@ def read_adapter_config(directory: str) -> tuple[AdapterConfig, dict]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
-    return AdapterConfig.from_dict(meta["adapter"]), meta
+    return AdapterConfig.from_dict(_with_saved_defaults(meta["adapter"])), meta
+
+
+def _with_saved_defaults(adapter: dict) -> dict:
+    """An adapter config as written: an option it does not name (added after the file was saved) takes the
+    value such files were written with (``Option.saved_default``), not today's default."""
+    try:
+        declared = get_method(adapter.get("method", "svd_scale")).options
+    except ValueError:
+        return adapter  # AdapterConfig names the unknown method
+    old = {k: o.saved_default for k, o in declared.items() if k not in adapter and o.saved_default is not None}
+    return {**adapter, **old}
 
 
 def read_adapter(directory: str) -> tuple[AdapterConfig, dict, dict]:

@@ -13,8 +13,8 @@ and declares, in one place, the role of every tensor it adds:
 * ``TRAINABLE`` -- fp32 ``nn.Parameter`` with ``requires_grad``; saved in the adapter.
   (float64 in a float64 model, which the exactness tests use.)
 * ``FACTOR``    -- frozen parameter used by ``forward`` (e.g. ``U_r``, ``V_r``); saved.
-* ``INIT``      -- frozen parameter *not* used by ``forward``: the initial values that
-  were subtracted from ``W`` (e.g. ``sigma0``). Saved, so that loading an adapter
+* ``INIT``      -- frozen parameter: the initial values that were subtracted from ``W``
+  (e.g. ``sigma0``; ``forward`` may read it). Saved, so that loading an adapter
   rebuilds the residual as ``W - removed(...)`` bit-for-bit, without an SVD. Stored
   in the trainables' dtype: ``sigma0`` must equal the initial ``sigma`` exactly, or
   the init of a bf16 model would be off by bf16's rounding of the top singular values.
@@ -76,11 +76,14 @@ class Option:
     """A method option, declared in the method's own file and set as ``adapter.<name>`` in a config.
 
     ``check(value)`` returns an error message (or None); ``None`` as a default means the method
-    derives the value (e.g. LoRA's alpha = 2r)."""
+    derives the value (e.g. LoRA's alpha = 2r). ``saved_default``: for an option added after adapters
+    were first saved, the value those older files were written with (a file that does not name the
+    option is read with it, not with today's default)."""
 
     default: Any
     help: str
     check: Optional[Callable[[Any], Optional[str]]] = None
+    saved_default: Any = None
 
 
 def non_negative(v) -> Optional[str]:
@@ -106,6 +109,8 @@ class AdapterLayer(nn.Module):
     options: ClassVar[dict[str, Option]] = {}
     #: what the init needs: "top" (top-r SVD), "bottom" (full SVD, smallest r) or "none".
     needs_svd: ClassVar[str] = "top"
+    #: the peak learning rate a run gets when ``train.lr`` is not set (each method file says where it comes from)
+    default_lr: ClassVar[Optional[float]] = None
 
     def __init__(self, base_layer: nn.Module, rank: int, opts: dict, factor_dtype: torch.dtype,
                  device: Optional[torch.device] = None) -> None:

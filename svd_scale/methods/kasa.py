@@ -27,6 +27,8 @@ from .orthogonality import gram_deviation
 
 class KaSALayer(AdapterLayer):
     method = "kasa"
+    #: best validation rate of bench/quality.py's rotten_tomatoes grid (bench/results/quality_methods_2026-11-25.md)
+    default_lr = 3e-3
     roles = {"A": Role.TRAINABLE, "delta_sigma": Role.TRAINABLE, "B": Role.TRAINABLE,
              "U_min": Role.INIT, "S_min": Role.INIT, "V_min": Role.INIT}
     options = {"alpha": ALPHA,

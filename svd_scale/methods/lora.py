@@ -36,6 +36,8 @@ def resolved_alpha(opts: dict, rank: int) -> float:
 
 class LoRALayer(AdapterLayer):
     method = "lora"
+    #: PEFT LoRA r=16's grid on rotten_tomatoes (bench/results/quality_methods_2026-11-25.md): 1e-3, not the edge 3e-3 whose two seeds were 80.0 / 67.2
+    default_lr = 1e-3
     roles = {"A": Role.TRAINABLE, "B": Role.TRAINABLE}
     options = {"alpha": ALPHA}
     needs_svd = "none"

@@ -16,6 +16,8 @@ from ..layer import AdapterLayer, Role
 
 class PiSSALayer(AdapterLayer):
     method = "pissa"
+    #: best validation rate of bench/quality.py's rotten_tomatoes grid (bench/results/quality_methods_2026-11-25.md)
+    default_lr = 1e-3
     roles = {"A": Role.TRAINABLE, "B": Role.TRAINABLE, "A0": Role.INIT, "B0": Role.INIT}
     needs_svd = "top"
 

@@ -91,6 +91,8 @@ class SaLoRABudget(TrainingState):
 
 class SaLoRALayer(AdapterLayer):
     method = "salora"
+    #: best validation rate of bench/quality.py's rotten_tomatoes grid (bench/results/quality_methods_2026-11-25.md)
+    default_lr = 1e-4
     roles = {"A": Role.TRAINABLE, "B": Role.TRAINABLE, "log_alpha": Role.TRAINABLE}
     options = {"alpha": ALPHA,
                "gamma": Option(1e-3, "salora: weight of the orthogonality terms", non_negative),

@@ -24,6 +24,8 @@ from .orthogonality import gram_deviation
 
 class SORSALayer(AdapterLayer):
     method = "sorsa"
+    #: best validation rate of bench/quality.py's rotten_tomatoes grid (bench/results/quality_methods_2026-11-25.md)
+    default_lr = 1e-4
     roles = {"U_p": Role.TRAINABLE, "S_p": Role.TRAINABLE, "V_p": Role.TRAINABLE,
              "U0": Role.INIT, "S0": Role.INIT, "V0": Role.INIT}
     options = {"gamma": Option(4e-4, "sorsa: weight of the orthonormality regularizer (Sec. 3.2)", non_negative)}
