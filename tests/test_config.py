@@ -21,6 +21,32 @@ def test_overrides_dotted_and_short(monkeypatch):
     assert cfg.adapter.rank == 16 and cfg.train.lr == 3e-3 and cfg.adapter.target_modules == ["q_proj", "v_proj"]
 
 
+def test_an_unset_lr_is_the_methods_own_default():
+    """train.lr unset: each method's declared default_lr (svd_scale's from bench/results/quality.md), not one
+    rate for every method; a method that declares none (a user's own) must be given one."""
+    from svd_scale.methods import get_method
+
+    for method in ("svd_scale", "sorsa", "lora"):
+        assert load_config(None, (f"method={method}",)).train.lr == get_method(method).default_lr
+    assert load_config(None, ("method=sorsa", "train.lr=2e-4")).train.lr == 2e-4
+    assert get_method("svd_scale").default_lr != get_method("sorsa").default_lr
+    from svd_scale.methods.svd_scale import SVDScaleLayer
+    from svd_scale import register_method
+
+    class NoRate(SVDScaleLayer):
+        method = "no_rate_test"
+        default_lr = None
+
+    register_method(NoRate)
+    try:
+        with pytest.raises(ValueError, match="method 'no_rate_test' declares no default_lr; set train.lr"):
+            load_config(None, ("method=no_rate_test",))
+        assert load_config(None, ("method=no_rate_test", "train.lr=1e-3")).train.lr == 1e-3
+    finally:
+        from svd_scale.methods import METHODS
+        METHODS.pop("no_rate_test", None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("adapter.rnak=4", r"unknown adapter key\(s\) \['rnak'\]"),
     ("bogus=1", "unknown config key 'bogus'"),

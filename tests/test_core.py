@@ -6,6 +6,7 @@ from torch import nn
 import svd_scale
 from svd_scale import AdapterConfig, Role
 from svd_scale.layer import AdapterLayer
+from svd_scale.methods import get_method
 from conftest import tiny_gpt2, tiny_llama
 
 
@@ -56,12 +57,13 @@ def test_default_targets_skip_head_and_embeddings(llama):
     assert isinstance(llama.lm_head, nn.Linear) and not isinstance(llama.lm_head, AdapterLayer)
 
 
-def test_only_sigma_and_scale_get_gradients(llama, tokens):
-    svd_scale.apply(llama, AdapterConfig(rank=4, target_modules=["q_proj", "down_proj"]))
+@pytest.mark.parametrize("update,trained", [("relative", "sigma_delta"), ("absolute", "sigma")])
+def test_only_sigma_and_scale_get_gradients(llama, tokens, update, trained):
+    svd_scale.apply(llama, AdapterConfig(rank=4, target_modules=["q_proj", "down_proj"], sigma_update=update))
     llama.train()
     llama(tokens, labels=tokens).loss.backward()
     got = {n for n, p in llama.named_parameters() if p.grad is not None}
-    expected = {f"{n}.{t}" for n, l in svd_scale.adapter_layers(llama) for t in ("sigma", "scale")}
+    expected = {f"{n}.{t}" for n, l in svd_scale.adapter_layers(llama) for t in (trained, "scale")}
     assert got == expected
     assert all(llama.get_parameter(n).grad.abs().sum() > 0 for n in expected)
     assert {n for n, p in llama.named_parameters() if p.requires_grad} == expected
@@ -70,15 +72,15 @@ def test_only_sigma_and_scale_get_gradients(llama, tokens):
 def test_trainables_fp32_in_a_bf16_model(tokens):
     model = svd_scale.apply(tiny_llama().to(torch.bfloat16), AdapterConfig(rank=4))
     for _, layer in svd_scale.adapter_layers(model):
-        assert layer.sigma.dtype == torch.float32 and layer.scale.dtype == torch.float32
+        assert layer.sigma_delta.dtype == torch.float32 and layer.scale.dtype == torch.float32
         assert layer.U.dtype == torch.bfloat16 and layer.base_layer.weight.dtype == torch.bfloat16
-        assert layer.sigma0.dtype == torch.float32 and torch.equal(layer.sigma, layer.sigma0)
+        assert layer.sigma0.dtype == torch.float32 and not layer.sigma_delta.any()
     model.train()
     out = model(tokens, labels=tokens)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     _, layer = next(svd_scale.adapter_layers(model))
-    assert layer.sigma.grad.dtype == torch.float32
+    assert layer.sigma_delta.grad.dtype == torch.float32
 
 
 def test_parameter_counts(llama):
@@ -100,7 +102,7 @@ def test_save_load_round_trip_is_exact(make, tokens, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["svd_scale_adapter.json", "svd_scale_adapter.safetensors"]
     from safetensors.torch import load_file
     state = load_file(str(tmp_path / "ad" / "svd_scale_adapter.safetensors"))
-    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".sigma_delta", ".scale")))
     # a fresh base, and an SVD that must not run: loading reuses the saved factors
     fresh = make()
     import svd_scale.svd as S
@@ -155,7 +157,8 @@ def test_merge_with_bias_matches(tokens):
     # float64 reference of the layer's formula
     t = {k: v.double() for k, v in layer.fp32_tensors().items()}
     W_res = layer.base_layer.weight.double().T
-    ref = t["scale"] * (x.double() @ W_res.T + x.double() @ ((t["U"] * t["sigma"]) @ t["Vh"]).T) + layer.base_layer.bias.double()
+    sigma = t["sigma0"] * (1 + t["sigma_delta"])  # sigma_update: relative (the default)
+    ref = t["scale"] * (x.double() @ W_res.T + x.double() @ ((t["U"] * sigma) @ t["Vh"]).T) + layer.base_layer.bias.double()
     torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=0)
 
 
@@ -216,3 +219,45 @@ def test_real_bert_encoder_parity_and_merge():
         expected = model(input_ids=x).last_hidden_state
         merged = svd_scale.merge_and_unload(model)
         torch.testing.assert_close(merged(input_ids=x).last_hidden_state, expected, atol=1e-4, rtol=0)
+
+
+def test_relative_updates_move_every_singular_value_by_the_same_fraction(llama, tokens):
+    """sigma_update=relative (docs/methods.md, "Learning rate"): Adam's first step moves each parameter by
+    lr, so each singular value moves by lr * sigma0 -- the same fraction whatever its size -- and s by lr;
+    with absolute updates the same step moves every sigma by lr, a larger fraction of the small ones."""
+    lr = 1e-2
+    moved = {}
+    for update in ("relative", "absolute"):
+        model = svd_scale.apply(tiny_llama(), AdapterConfig(rank=4, target_modules=["q_proj"], sigma_update=update))
+        model.train()
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-15)  # step = lr exactly
+        model(tokens, labels=tokens).loss.backward()
+        opt.step()
+        _, layer = next(svd_scale.adapter_layers(model))
+        t = {k: v.detach().double() for k, v in layer.fp32_tensors().items()}
+        sigma = get_method("svd_scale").singular_values(t)
+        moved[update] = ((sigma - t["sigma0"]).abs(), t["sigma0"], (t["scale"] - 1).abs())
+    change, sigma0, change_s = moved["relative"]
+    torch.testing.assert_close(change / sigma0, torch.full_like(change, lr), rtol=1e-3, atol=0)
+    torch.testing.assert_close(change_s, torch.full_like(change_s, lr), rtol=1e-3, atol=0)
+    change, sigma0, _ = moved["absolute"]  # lr each: a fraction lr / sigma0 that depends on the value
+    torch.testing.assert_close(change, torch.full_like(change, lr), rtol=1e-3, atol=0)
+
+
+def test_an_adapter_saved_before_relative_updates_loads_as_absolute(tokens, tmp_path):
+    """Adapters written before the option existed name no sigma_update and hold ``sigma``: read as absolute."""
+    import json
+
+    model = svd_scale.apply(tiny_llama(), AdapterConfig(rank=6, sigma_update="absolute"))
+    _perturb(model)
+    expected = model(tokens).logits
+    svd_scale.save_adapter(model, str(tmp_path))
+    path = tmp_path / "svd_scale_adapter.json"
+    meta = json.loads(path.read_text())
+    assert meta["adapter"]["sigma_update"] == "absolute"  # every option is written with its value now
+    del meta["adapter"]["sigma_update"]  # as an older svd_scale wrote it
+    path.write_text(json.dumps(meta))
+    loaded = svd_scale.load_adapter(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-5, rtol=0)
+    fresh = svd_scale.apply(tiny_llama(), AdapterConfig(rank=6))  # today's default trains sigma_delta
+    assert "sigma_delta" in dict(next(svd_scale.adapter_layers(fresh))[1].named_parameters())

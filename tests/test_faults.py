@@ -35,7 +35,7 @@ def test_a_save_torn_between_its_two_files_is_refused_and_its_leftovers_cleaned(
     second = _adapted()
     with torch.no_grad():
         for _, layer in svd_scale.adapter_layers(second):
-            layer.sigma.mul_(1.5)
+            layer.sigma_delta.add_(0.5)
     calls = []
     real_replace = os.replace
 
@@ -68,7 +68,7 @@ def test_non_finite_adapters_are_never_saved_loaded_or_half_merged(tmp_path):
     bad = _adapted()
     last_name, last = list(svd_scale.adapter_layers(bad))[-1]
     with torch.no_grad():
-        last.sigma[0] = float("nan")
+        last.sigma_delta[0] = float("nan")
     with pytest.raises(ValueError, match="hold NaN or inf"):
         svd_scale.save_adapter(bad, str(tmp_path / "bad"))
     assert not (tmp_path / "bad" / sio.WEIGHTS_NAME).exists()
@@ -77,7 +77,7 @@ def test_non_finite_adapters_are_never_saved_loaded_or_half_merged(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     state = load_file(str(path))
-    state[f"{last_name}.sigma"][0] = float("inf")
+    state[f"{last_name}.sigma_delta"][0] = float("inf")
     save_file(state, str(path), metadata=meta)
     with pytest.raises(ValueError, match="hold NaN or inf"):
         svd_scale.load_adapter(tiny_llama(), str(tmp_path / "good"))

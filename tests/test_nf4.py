@@ -50,10 +50,10 @@ def test_nf4_only_sigma_and_scale_train_and_stay_fp32(make, tokens):
     model = svd_scale.apply(make().to(torch.bfloat16), AdapterConfig(rank=8, quant="nf4"))
     model.train()
     model(tokens, labels=tokens).loss.backward()
-    expected = {f"{n}.{t}" for n, _ in svd_scale.adapter_layers(model) for t in ("sigma", "scale")}
+    expected = {f"{n}.{t}" for n, _ in svd_scale.adapter_layers(model) for t in ("sigma_delta", "scale")}
     assert {n for n, p in model.named_parameters() if p.grad is not None} == expected
     for _, l in svd_scale.adapter_layers(model):
-        assert l.sigma.dtype == torch.float32 and l.sigma.grad.dtype == torch.float32
+        assert l.sigma_delta.dtype == torch.float32 and l.sigma_delta.grad.dtype == torch.float32
         assert l.base_layer.weight.dtype == torch.bfloat16  # 4-bit codes in bf16 storage, never cast
         assert l.base_layer.weight.quant_state is not None
 
@@ -63,7 +63,7 @@ def test_nf4_merge_gives_a_plain_model_with_the_same_outputs(make, tokens, tmp_p
     model = svd_scale.apply(make(), AdapterConfig(rank=8, quant="nf4")).eval()
     with torch.no_grad():
         for _, l in svd_scale.adapter_layers(model):
-            l.sigma.mul_(1.2)
+            l.sigma_delta.add_(0.2)  # sigma = 1.2 sigma0
             l.scale.add_(0.05)
     expected = model(tokens).logits
     merged = svd_scale.merge_and_unload(model)
@@ -90,7 +90,7 @@ def test_nf4_save_load_round_trip_requantizes_identically(tokens, tmp_path):
     model = svd_scale.apply(tiny_llama(), AdapterConfig(rank=8, quant="nf4", quant_iters=3)).eval()
     with torch.no_grad():
         for _, l in svd_scale.adapter_layers(model):
-            l.sigma.mul_(0.9)
+            l.sigma_delta.sub_(0.1)
     expected = model(tokens).logits
     svd_scale.save_adapter(model, str(tmp_path / "a"))
     loaded = svd_scale.load_adapter(tiny_llama(), str(tmp_path / "a")).eval()

@@ -161,10 +161,10 @@ def test_exported_adapter_is_fp32_and_equals_the_single_process_one(job, single,
     assert set(got) == set(ref) and len(got) > 0
     for k in ref:
         assert got[k].shape == ref[k].shape and got[k].numel() > 0
-        if k.endswith((".sigma", ".scale")):
+        if k.endswith((".sigma", ".sigma_delta", ".scale")):
             assert got[k].dtype == torch.float32
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
-    moved = max((got[k] - load_file(str(out / "init_rank0.safetensors"))[k]).abs().max() for k in got if k.endswith(".sigma"))
+    moved = max((got[k] - load_file(str(out / "init_rank0.safetensors"))[k]).abs().max() for k in got if k.endswith(".sigma_delta"))
     assert moved > 1e-4  # training really changed sigma, so the comparison above means something
     assert_same_peft_export(single[world][1] / "adapter", adapter, model_dir, tmp_path, atol=1e-4, rtol=1e-3)
 
@@ -221,7 +221,7 @@ def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
     assert m["dtypes"]["optimizer"] == ["torch.float32"]
     assert "torch.bfloat16" in m["dtypes"]["frozen"]  # the base really is bf16
     state = load_file(str(out / "bf16" / "adapter" / "svd_scale_adapter.safetensors"))
-    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".scale")))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".sigma_delta", ".scale")))
 
 
 @pytest.mark.parametrize("method", sorted(svd_scale.METHODS))

@@ -102,7 +102,7 @@ def method_checks(a, facts: dict, data: list, base_logits, rank: int, world: int
         saved = load_file(str(out / f"adapter_{method}" / "svd_scale_adapter.safetensors"))
         want = adapter_state_dict(ref)
         f["export_err"] = max((saved[k] - v).abs().max().item() for k, v in want.items())
-        f["export_dtypes"] = sorted({str(saved[k].dtype) for k in saved if k.endswith(("sigma", "scale"))})
+        f["export_dtypes"] = sorted({str(saved[k].dtype) for k in saved if k.endswith(("sigma", "sigma_delta", "scale"))})
         f["export_keys_equal"] = sorted(saved) == sorted(want)
 
 
