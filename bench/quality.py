@@ -20,7 +20,7 @@ For every task and every row (``ROWS``; the issue-20 rows by default, ``--only``
    default, PEFT LoRA at its best rate;
 4. a rank sweep of svd_scale at its default rate (``RANKS``).
 
-``svd_scale`` rows train ``sigma_update=relative`` (the default since 0.3);
+``svd_scale`` rows train ``sigma_update=relative`` (the default since issue 20);
 ``svd_scale_absolute`` is the earlier parametrization, kept to show what changed. The shipped
 default was chosen on rotten_tomatoes' validation split alone; the other two tasks check it.
 
@@ -81,7 +81,7 @@ def default_lr(row: str):
     if "peft" in keys:
         return None
     if keys.get("sigma_update") == "absolute":
-        return 3e-3  # the shipped default before 0.3
+        return 3e-3  # the shipped default before issue 20
     return get_method(keys["method"]).default_lr
 
 
@@ -253,7 +253,8 @@ def parallel(a, rows: list) -> None:
     run in its own folder); the caller then reads every finished run from the cache."""
     import subprocess
 
-    keep = [x for x in sys.argv[1:] if not x.startswith(("--jobs", "--only", "--tasks"))]
+    keep = [f"--out={a.out}", f"--steps={a.steps}", f"--batch={a.batch}", f"--max-length={a.max_length}", f"--val={a.val}",
+            f"--test={a.test}", f"--seeds={a.seeds}", f"--grid-seeds={a.grid_seeds}", f"--ranks={a.ranks}"]
     todo = [(t, r) for t in TASKS for r in rows]
     live: list = []
     while todo or live:

@@ -302,7 +302,7 @@ class RunConfig:
 
     model: str = field(default="builtin:smollm2-135m-instruct", metadata={"help": "from_pretrained path, or builtin:smollm2-135m-instruct"})
     data: str = field(default="builtin:rotten_tomatoes", metadata={"help": "a file (.jsonl/.json/.csv/.parquet/.arrow), a folder "
-                      "of them, a save_to_disk folder, a Hub dataset id, or builtin:rotten_tomatoes / builtin:plot_vs_review; rows in "
+                      "of them, a save_to_disk folder, a Hub dataset id, or builtin:rotten_tomatoes / builtin:plot_vs_review / builtin:debate_speaker; rows in "
                       "messages, ShareGPT, Alpaca, prompt/completion or text format (docs/data.md)"})
     data_split: str = field(default="train", metadata={"help": "split of a Hub dataset or saved DatasetDict to train on"})
     data_subset: Optional[str] = field(default=None, metadata={"help": "configuration (subset) name of a Hub dataset"})
@@ -321,7 +321,8 @@ class RunConfig:
         if self.train.lr is None:  # the method's own rate (a user who sets none gets one that fits the method)
             from .methods import get_method
 
-            self.train.lr = get_method(self.adapter.method).default_lr
+            # a copy: a TrainConfig shared by several RunConfigs keeps lr unset for the next method
+            self.train = dataclasses.replace(self.train, lr=get_method(self.adapter.method).default_lr)
             if self.train.lr is None:
                 raise ValueError(f"train.lr is not set and method {self.adapter.method!r} declares no default_lr; set train.lr")
         if not 0 <= self.eval_fraction < 1:

@@ -4,7 +4,7 @@
 svd_scale installed. Every method writes its layer map over the *original* weight as
 ``scale * (W + B A)`` (``AdapterLayer.as_low_rank``), so the export is exact where that form exists:
 
-* ``svd_scale`` (a trained scale ``s``): a DoRA adapter of rank r, ``B = U diag(sigma - sigma0)``,
+* ``svd_scale`` (a trained scale ``s``): a DoRA adapter of rank r, ``B = U diag(sigma - sigma0)`` (``U diag(sigma0 * sigma_delta)`` with relative updates),
   ``A = V^T``, magnitude ``s * ||W + B A||`` per output row (DoRA, Liu et al. 2024, Sec. 4.1; PEFT
   recomputes the norm from the base it is given, which is why the base is needed here).
 * ``svfit``, ``svd_scale`` with ``scale: none``, ``lora``, ``salora``: a LoRA of rank r; ``pissa``,

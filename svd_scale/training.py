@@ -149,7 +149,9 @@ class SVDTrainer(Trainer):
         params = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
         missing = sorted(set(state) - set(params))
         if missing:
-            raise KeyError(f"--resume: {path} holds tensors this model lacks: {missing[:5]}")
+            hint = ("; it trained sigma itself: resume with adapter.sigma_update=absolute (the form of svd_scale runs "
+                    "that predate that option)") if any(k.endswith(".sigma") for k in missing) else ""
+            raise KeyError(f"--resume: {path} holds tensors this model lacks: {missing[:5]}{hint}")
         for name, full in state.items():
             set_full_value(params[name], full)  # sharded: this rank's rows
 

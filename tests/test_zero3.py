@@ -222,6 +222,7 @@ def test_bf16_run_keeps_trainables_fp32_in_module_and_optimizer(world2):
     assert "torch.bfloat16" in m["dtypes"]["frozen"]  # the base really is bf16
     state = load_file(str(out / "bf16" / "adapter" / "svd_scale_adapter.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith((".sigma", ".sigma_delta", ".scale")))
+    assert any(k.endswith(".sigma_delta") for k in state)  # the default trains sigma relatively
 
 
 @pytest.mark.parametrize("method", sorted(svd_scale.METHODS))

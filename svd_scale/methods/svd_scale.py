@@ -21,7 +21,7 @@ How the singular values train (``sigma_update``, docs/methods.md "Learning rate"
   tensors and models whose singular values are larger (a 7B model's are). Weight decay
   pulls towards the base model's values, not towards 0.
 * ``absolute``: ``sigma`` itself trains (the paper's literal form, and adapters saved
-  before 0.3): a step changes a singular value of 1 by 80x more, relatively, than one of 80,
+  before the option existed): a step changes a singular value of 1 by 80x more, relatively, than one of 80,
   so the best rate moves with the layers' spectrum (measured in bench/results/quality.md).
 """
 from __future__ import annotations
