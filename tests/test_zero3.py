@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 on CPU (gloo), with 2 and 3 ranks: sharded init, partitioning,
-agreement with a single process, resume, export and fp32 trainables under bf16.
+agreement with a single process, resume, export and fp32 trainables under bf16; and the
+multi-node launch path (two nodes of one rank each on one host, ``--no_ssh --node_rank``).
 
 Each world size is one `deepspeed` launch of tests/dist/zero3_job.py (start-up costs
 ~20-30 s on 2 cores); this file only asserts on what the job recorded.
@@ -193,6 +194,43 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
     resumed = json.loads((out / "train" / "metrics.json").read_text())
     assert_resumed_like_uninterrupted(full, resumed, rel=1e-6)
     assert_same_adapter(out / "adapter_uninterrupted", out / "train" / "adapter", atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(model_dir, tmp_path_factory, world2):
+    """The multi-node launch path on one host: a hostfile with two nodes of one slot each and one
+    ``deepspeed --no_ssh --node_rank K`` launcher per node (what a cluster without ssh between nodes
+    runs on each node), rendezvous at 127.0.0.1. The job trains 10 steps, then resumes checkpoint-5."""
+    out = tmp_path_factory.mktemp("z3_two_nodes")
+    hostfile = out / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    deepspeed, port = Path(sys.executable).with_name("deepspeed"), str(free_port())
+    procs = [subprocess.Popen([str(deepspeed), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                               "--master_addr", "127.0.0.1", "--master_port", port, str(JOB), "--model", model_dir,
+                               "--out", str(out / "job"), "--train-resume-only"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in (0, 1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for k, (p, log) in enumerate(zip(procs, logs)):
+        if p.returncode != 0:
+            pytest.fail(f"node {k} failed ({p.returncode}):\n{log[-6000:]}")
+    return out / "job", world2[1]
+
+
+def test_two_nodes_train_and_resume_like_one_node(two_nodes):
+    """Two nodes x 1 rank: each rank knows its node, the run's losses equal the single-node 2-rank run's,
+    and --resume from checkpoint-5 reproduces steps 6-10."""
+    out, one_node = two_nodes
+    ranks = [json.loads((out / f"node_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(f["rank"], f["world"], f["node_rank"], f["local_rank"]) for f in ranks] == [(0, 2, "0", "0"), (1, 2, "1", "0")]
+    full = json.loads((out / "metrics_uninterrupted.json").read_text())
+    assert full["engine"] == "deepspeed" and full["world_size"] == 2
+    ref = dict(json.loads((one_node / "metrics_uninterrupted.json").read_text())["losses"])
+    assert len(full["losses"]) == 10
+    for step, loss in full["losses"]:
+        assert loss == pytest.approx(ref[step], rel=TOL_LOSS), step
+    assert_resumed_like_uninterrupted(full, json.loads((out / "train" / "metrics.json").read_text()), rel=1e-6)
 
 
 def test_a_checkpoint_resumes_under_another_world_size(world2, world3):

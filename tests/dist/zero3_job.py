@@ -8,6 +8,7 @@ It only records facts (files under --out); the assertions live in the pytest fil
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -155,7 +156,8 @@ def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
     engine.destroy()
 
 
-def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resume_from: str = None) -> None:
+def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resume_from: str = None,
+          only_resume: bool = False) -> None:
     common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
               f"train.batch_size={GLOBAL_BATCH // world}", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
     run_dir = out / "train"
@@ -167,6 +169,8 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
             shutil.rmtree(run_dir / "checkpoint-10")
         dist.barrier()
         run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
+    if only_resume:
+        return
     if resume_from:  # another world size's checkpoint: converted to DeepSpeed's universal format and resumed
         if dist.get_rank() == 0:
             shutil.copytree(Path(resume_from) / "checkpoint-5", out / "reworld" / "checkpoint-5")
@@ -200,12 +204,20 @@ def main():
     ap.add_argument("--resume-from", default=None)
     ap.add_argument("--methods", action="store_true")
     ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--train-resume-only", action="store_true", help="only the 10-step run and its resume (two-node test)")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.train_resume_only:
+        (out / f"node_rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world,
+                                                               "node_rank": os.environ.get("CROSS_RANK"),
+                                                               "local_rank": os.environ.get("LOCAL_RANK")}))
+        train(a.model, out, world, True, False, only_resume=True)
+        dist.barrier()
+        return
     init_checks(a.model, out, rank, world)
     user_script(a.model, out, rank, world)
     if a.methods:
