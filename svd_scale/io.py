@@ -197,12 +197,13 @@ def read_adapter_config(directory: str) -> tuple[AdapterConfig, dict]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
-    return AdapterConfig.from_dict(_with_saved_defaults(meta["adapter"])), meta
+    return AdapterConfig.from_dict(with_saved_defaults(meta["adapter"])), meta
 
 
-def _with_saved_defaults(adapter: dict) -> dict:
-    """An adapter config as written: an option it does not name (added after the file was saved) takes the
-    value such files were written with (``Option.saved_default``), not today's default."""
+def with_saved_defaults(adapter: dict) -> dict:
+    """An adapter config as written (an adapter file's, a checkpoint's run stamp): an option it does not name
+    (added after it was written) takes the value it was written with (``Option.saved_default``), not today's
+    default."""
     try:
         declared = get_method(adapter.get("method", "svd_scale")).options
     except ValueError:

@@ -34,7 +34,7 @@ from .engines.base import load_model, load_tokenizer, say
 from .evaluate import choice_accuracy
 from .formats import PromptStyle
 from .inject import adapter_layers, parameter_counts
-from .io import save_adapter, training_state_dict
+from .io import save_adapter, training_state_dict, with_saved_defaults
 from .losses import regularization_loss
 from .methods.salora import set_progress
 
@@ -149,9 +149,7 @@ class SVDTrainer(Trainer):
         params = dict(self.accelerator.unwrap_model(model or self.model).named_parameters())
         missing = sorted(set(state) - set(params))
         if missing:
-            hint = ("; it trained sigma itself: resume with adapter.sigma_update=absolute (the form of svd_scale runs "
-                    "that predate that option)") if any(k.endswith(".sigma") for k in missing) else ""
-            raise KeyError(f"--resume: {path} holds tensors this model lacks: {missing[:5]}{hint}")
+            raise KeyError(f"--resume: {path} holds tensors this model lacks: {missing[:5]}")
         for name, full in state.items():
             set_full_value(params[name], full)  # sharded: this rank's rows
 
@@ -460,6 +458,7 @@ def run_fingerprint(cfg: RunConfig, engine_name: str) -> dict:
     keys, plus the engine (a ZeRO-3 checkpoint's optimizer state is not a single-process one's) and the
     global batch in place of the per-rank one (a run may resume on another number of ranks)."""
     d = cfg.to_dict()
+    d["adapter"].update(cfg.adapter.method_options())  # every option's value, defaults included
     for key in RESUMABLE + ("train.batch_size", "train.grad_accum"):
         section, _, name = key.partition(".")
         if name:
@@ -479,6 +478,7 @@ def check_checkpoint_run(checkpoint: str, cfg: RunConfig, engine_name: str) -> N
             say(f"--resume: {checkpoint} carries no run fingerprint (written before svd_scale 0.2); not checked")
         return
     saved, now = json.loads(stamp), run_fingerprint(cfg, engine_name)
+    saved["adapter"] = with_saved_defaults(saved.get("adapter", {}))  # options added since: as that run had them
     diff = {k: v for k, v in config_differences([saved, now]).items() if None not in v}  # keys both runs know
     if diff:
         shown = "; ".join(f"{k}: {a} there, {b} now" for k, (a, b) in list(diff.items())[:6])

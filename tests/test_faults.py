@@ -177,6 +177,21 @@ def test_resume_takes_the_newest_complete_checkpoint_or_the_one_named(tmp_path, 
         run(cfg, resume=True)  # the forced run wrote checkpoints 2 and 3 anew, at its own lr
     longer = run(load_config(None, (*args, "train.lr=3e-2", "train.max_steps=4", "train.logging_steps=2")), resume=True)
     assert longer["resumed_from"].endswith("checkpoint-3")  # how long and how often to log may change
+    # method options count with their defaults: another sigma_update is another run...
+    with pytest.raises(ValueError, match=r"adapter.sigma_update: \"relative\" there, \"absolute\" now"):
+        check_checkpoint_run(str(out / "checkpoint-1"), load_config(None, (*args, "adapter.sigma_update=absolute")), "single")
+    # ...and a stamp written before the option existed names none: it was an absolute run (Option.saved_default)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from svd_scale.training import RUN_KEY
+    path = out / "checkpoint-1" / "training_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    stamp = json.loads(meta[RUN_KEY])
+    del stamp["adapter"]["sigma_update"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, RUN_KEY: json.dumps(stamp)})
+    with pytest.raises(ValueError, match=r"adapter.sigma_update: \"absolute\" there, \"relative\" now"):
+        check_checkpoint_run(str(out / "checkpoint-1"), cfg, "single")
 
 
 def test_a_used_output_dir_needs_resume_or_overwrite_and_one_run_at_a_time(tmp_path):

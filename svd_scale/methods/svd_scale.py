@@ -176,7 +176,7 @@ class SVDScaleLayer(AdapterLayer):
         scale = self.scale if "scale" in self.roles else None
         # s * (W_res x + delta) + b == s * (h - b) + b: the bias stays outside the scale.
         bias = getattr(self.base_layer, "bias", None) if scale is not None else None
-        sigma = self.sigma if "sigma" in self.roles else self.sigma0 * (1 + self.sigma_delta)
+        sigma = self.singular_values(self.tensors())
         if self.fused:
             return fused_forward(h, x, self.Vh, self.U, sigma, scale, bias)
         return plain_forward(h, x, self.cast(self.Vh, x), self.cast(self.U, x), self.cast(sigma, x),
