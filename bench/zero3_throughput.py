@@ -28,7 +28,10 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 (``stage3_module_granularity_threshold``), ``persist[:1e6]`` (``stage3_param_persistence_threshold``;
 1e6 keeps the adapter's factors, sigma, s and the norms whole, the 4-bit codes of every projection
 (>= 4.2 M bf16 values) partitioned), ``prefetch[:2e8]`` (``stage3_prefetch_bucket_size``), ``live[:2e9]``
-(``stage3_max_live_parameters``); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+(``stage3_max_live_parameters``), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
+this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (1.75e9 bf16 values)
+stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
+instead of DeepSpeed's Python autograd wrapper); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
 after the timed ones (tables to ``--profile-dir``).
 
@@ -84,9 +87,11 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
         torch.cuda.empty_cache()
 
 
-SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9}
+SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
+                    "mpersist": 4e9, "mel": 0}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
-                "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters"}
+                "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
+                "mpersist": "stage3_model_persistence_threshold", "mel": "memory_efficient_linear"}
 
 
 def parse_setting(setting: str) -> dict:
@@ -108,7 +113,9 @@ def ds_config(row: str, hidden: int, setting: str = "shipped") -> dict:
     zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": hidden * hidden,
             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "stage3_param_persistence_threshold": 10 * hidden}
     for name, v in parse_setting(setting).items():
-        if name in SETTING_KEYS:
+        if name == "mel":
+            zero[SETTING_KEYS[name]] = bool(v)
+        elif name in SETTING_KEYS:
             zero[SETTING_KEYS[name]] = v
     cfg = {"zero_optimization": zero,
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -256,9 +263,19 @@ def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s
     dist.barrier()
 
 
+def restore_linear() -> None:
+    """Undo DeepSpeed's process-wide ``F.linear`` override (``memory_efficient_linear``, on by default: set by
+    ``zero.Init`` and ``deepspeed.initialize``, and never reset), so each row runs under its own setting."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Ins
+
+    if hasattr(Ins, "linear_bk"):
+        torch.nn.functional.linear = Ins.linear_bk
+
+
 def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
         profile_dir: str | None = None) -> dict:
     ds = ds_config(name, hidden, setting)
+    restore_linear()
     _reset(cuda)
     before = _max(_now(cuda))  # what earlier rows left behind (0 when each row has its own process)
     dist.barrier()
@@ -276,7 +293,10 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     four_bit = sum(1 for m in model.modules()  # bitsandbytes' own layers (PEFT's wrappers around them not counted)
                    if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
                    or type(m).__name__ == "ShardableNF4Linear")
-    out = {"row": name, "setting": setting, "leaves": leaf_summary(model), "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
+    out = {"row": name, "setting": setting, "leaves": leaf_summary(model),
+           "deepspeed_linear": torch.nn.functional.linear.__name__ != "linear",
+           "persistent": [sum(1 for p in model.parameters() if getattr(p, "ds_persist", False)),
+                          sum(p.ds_numel for p in model.parameters() if getattr(p, "ds_persist", False))], "init_s": _max(time.perf_counter() - t0), "init_peak_gib": _max(_peak(cuda)), "four_bit_layers": four_bit,
            "before_gib": before, "resident_gib": _max(_now(cuda)),
            "local_param_gib": _max(local_param_gib(model)),
            "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
@@ -368,7 +388,7 @@ def main():
                   a.profile_dir if prof else None)
         if rank == 0:
             print(f"RESULT {st:32s} {r:16s} {res['tok_s_per_gpu']:8,.0f} tok/s/GPU  train peak {res['train_peak_gib']:.2f} GiB  "
-                  f"init {res['init_s']:.1f} s  steps {[round(x, 3) for x in res['step_s']]}  leaves: {res['leaves']}", flush=True)
+                  f"init {res['init_s']:.1f} s  persistent {res['persistent']}  ds-linear {res['deepspeed_linear']}  steps {[round(x, 3) for x in res['step_s']]}  leaves: {res['leaves']}", flush=True)
         results.append(res)
         if a.json and rank == 0:  # partial results survive a run cut short
             Path(a.json).write_text(json.dumps(results))
