@@ -73,7 +73,8 @@ def row(kind: str, layers: int):
         if kind == "peft qlora r16":
             to_nf4(model)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ))
-    else:  # "svd_scale bf16 r64" etc.; "... fused" runs the layer through the ScaledLowRank function
+    else:  # "svd_scale bf16 r64" etc.; "... fused" runs the layer through the ScaledLowRank function;
+        # "... absolute" trains sigma itself (adapter.sigma_update=absolute) instead of the default relative form
         import svd_scale
         from svd_scale.methods.svd_scale import SVDScaleLayer
 
@@ -81,7 +82,8 @@ def row(kind: str, layers: int):
         _, store, r = kind.split()[:3]
         nf4 = store == "nf4"  # T=1: the init column times one SVD + quantization per weight
         svd_scale.apply(model, svd_scale.AdapterConfig(rank=int(r[1:]), target_modules=PROJ, quant="nf4" if nf4 else "none",
-                                                       quant_iters=1 if nf4 else None))
+                                                       quant_iters=1 if nf4 else None,
+                                                       options={"sigma_update": "absolute"} if kind.endswith(" absolute") else {}))
     torch.cuda.synchronize()
     init = time.time() - t0
     return model, [p for p in model.parameters() if p.requires_grad], init
@@ -146,7 +148,7 @@ def main():
     ap.add_argument("--profile-dir", default="runs/profile")
     args = ap.parse_args()
     kinds = ["frozen bf16", "frozen nf4", "peft lora r16", "peft qlora r16", "svd_scale bf16 r64", "svd_scale nf4 r64",
-             "svd_scale nf4 r64 fused", "svd_scale bf16 r128", "svd_scale nf4 r128"]
+             "svd_scale nf4 r64 fused", "svd_scale nf4 r64 absolute", "svd_scale bf16 r128", "svd_scale nf4 r128"]
     compiled = [k + " compiled" for k in kinds if not k.endswith(" fused")]
     if args.rows == "compile":  # the short torch.compile comparison: each compiled row beside its eager twin
         kinds = ["frozen bf16", "frozen nf4", "peft qlora r16", "svd_scale nf4 r64"] + \
