@@ -313,6 +313,14 @@ class RunConfig:
                                  "not given; 0: every row trains"})
     chat_template: bool = field(default=False, metadata={"help": "prompt/completion rows as a user turn and the assistant's answer "
                                 "through the tokenizer's chat template (chat formats always use it)"})
+    data_streaming: bool = field(default=False, metadata={"help": "read `data` as a stream (datasets' streaming=True): rows are "
+                                 "read, checked and tokenized as training consumes them, never all at once; the first 1000 "
+                                 "are checked before the model loads; needs train.max_steps (not num_epochs), no eval_fraction"})
+    data_num_proc: Optional[int] = field(default=None, metadata={"help": "worker processes that tokenize (datasets' map num_proc); "
+                                         "null: the main process alone"})
+    data_cache: bool = field(default=True, metadata={"help": "keep the tokenized data as an Arrow file under "
+                             "$SVD_SCALE_CACHE/tokenized (default ~/.cache/svd_scale), named by the rows' content, the "
+                             "tokenizer and max_length: the first rank of each node tokenizes, the others and later runs read it"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -325,6 +333,11 @@ class RunConfig:
             self.train = dataclasses.replace(self.train, lr=get_method(self.adapter.method).default_lr)
             if self.train.lr is None:
                 raise ValueError(f"train.lr is not set and method {self.adapter.method!r} declares no default_lr; set train.lr")
+        if self.data_streaming and self.train.num_epochs is not None:
+            raise ValueError("data_streaming: a stream has no known length, so train.num_epochs cannot be counted; "
+                             "set train.max_steps instead")
+        if self.data_num_proc is not None and self.data_num_proc < 1:
+            raise ValueError(f"data_num_proc is a number of processes >= 1 (or null), got {self.data_num_proc!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction is a fraction of the data, in [0, 1), got {self.eval_fraction!r}")
 

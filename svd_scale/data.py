@@ -8,6 +8,8 @@ Sources (``data``, ``eval_data``), all read through ``datasets``:
 
 Rows are in one of the formats of :mod:`svd_scale.formats` (chat ``messages``, ShareGPT, Alpaca,
 prompt/completion, text), recognised by their columns and checked row by row before any model loads.
+With ``data_streaming`` the rows are read lazily (``IterableDataset``): the first :data:`STREAM_CHECK_ROWS`
+are checked up front, the rest as training reads them.
 
 Built-in data gets a fixed split that does not depend on the training seed: ``test`` (never used for
 tuning), ``validation`` (for picking learning rates) and ``train``. A user's data is held out only when
@@ -106,6 +108,36 @@ def _read_file(p: Path) -> list[dict]:
         raise ValueError(f"{p}: could not be read as {kind} ({type(e).__name__}: {str(e)[:300]})") from None
 
 
+def stream_source(spec: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None):
+    """``data_streaming``: the source as a ``datasets.IterableDataset`` -- rows are read as training consumes
+    them, never all at once (a file or folder through its builder, a Hub id, a saved dataset's shards)."""
+    import datasets
+
+    p = Path(spec)
+    if spec.startswith(builtin.BUILTIN_PREFIX):
+        raise ValueError(f"data_streaming: {spec!r} is built-in data (held in memory); streaming is for files, "
+                         "folders and Hub datasets")
+    if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{spec}: no split {split!r}; it has {sorted(ds)} (set data_split)")
+            ds = ds[split]
+        return ds.to_iterable_dataset()
+    if p.is_file():
+        kind = FILE_BUILDERS.get(p.suffix.lower())
+        if kind is None:
+            raise ValueError(f"data file {str(p)!r}: expected one of {sorted(FILE_BUILDERS)}")
+        return datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
+    if not p.exists() and (spec.startswith((".", "/", "~")) or p.suffix.lower() in FILE_BUILDERS):
+        raise FileNotFoundError(f"data {spec!r} does not exist")
+    try:
+        return datasets.load_dataset(spec, subset, split=split, revision=revision, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"data {spec!r} (split {split!r}) could not be streamed: {type(e).__name__}: {str(e)[:400]}") from None
+
+
 def read_source(spec: str, split: str = "train", subset: Optional[str] = None,
                 revision: Optional[str] = None) -> list[dict]:
     """The rows of a file, a saved dataset, a folder of files or a Hub dataset (module docstring)."""
@@ -131,8 +163,22 @@ def read_source(spec: str, split: str = "train", subset: Optional[str] = None,
                    f"loaded: {type(e).__name__}: {str(e)[:400]}") from None
 
 
+#: rows of a stream checked before any model loads (the rest are checked as they are read)
+STREAM_CHECK_ROWS = 1000
+
+
 def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "train", eval_split: str = "test",
-                subset: Optional[str] = None, revision: Optional[str] = None, eval_fraction: float = 0.0) -> Splits:
+                subset: Optional[str] = None, revision: Optional[str] = None, eval_fraction: float = 0.0,
+                streaming: bool = False) -> Splits:
+    if streaming:  # train rows as a stream; held-out data (if any) is small and read whole
+        if eval_fraction:
+            raise ValueError("data_streaming: eval_fraction would need the whole stream first; give eval_data instead")
+        stream = stream_source(spec, split, subset, revision)
+        check_records(spec, list(stream.take(STREAM_CHECK_ROWS)))
+        held = read_source(eval_spec, eval_split, subset, revision) if eval_spec else []
+        if eval_spec:
+            check_records(eval_spec, held)
+        return Splits(stream, [], held)
     if spec.startswith(builtin.BUILTIN_PREFIX):
         key = spec[len(builtin.BUILTIN_PREFIX):]
         if key not in builtin.BUILTIN_DATA:
@@ -185,22 +231,92 @@ def encode(record: dict, tok, max_length: int, fmt: Optional[str] = None, chat: 
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenized_dataset(records: list, tok, max_length: int, where: str = "training data", chat: bool = False):
+#: bump when :func:`encode` changes what it makes of a row: cached tokenizations of older versions are not reused
+ENCODE_VERSION = 1
+
+
+def tokenize_cache_key(records: list, tok, max_length: int, fmt: Optional[str], chat: bool) -> str:
+    """What a tokenized copy depends on: every row's content, the tokenizer (its whole state, as
+    ``datasets`` hashes it for ``map``), ``max_length``, the format, ``chat`` and :data:`ENCODE_VERSION`."""
+    import hashlib
+    import json
+
+    from datasets.fingerprint import Hasher
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return Hasher.hash([h.hexdigest(), Hasher.hash(tok), max_length, fmt, chat, ENCODE_VERSION])
+
+
+def tokenized_dataset(records: list, tok, max_length: int, where: str = "training data", chat: bool = False,
+                      num_proc: Optional[int] = None, cache_dir: Optional[Path] = None):
     """Encoded examples that keep a label the loss can use: one after the first position (a causal LM
     predicts token t from the tokens before it). Examples without one are counted and skipped; if none
-    is left, that is an error naming ``train.max_length``, not a run that trains on nothing."""
+    is left, that is an error naming ``train.max_length``, not a run that trains on nothing.
+
+    Tokenized with ``datasets.Dataset.map`` (batched; ``num_proc`` worker processes). With ``cache_dir``
+    the result is an Arrow file named by :func:`tokenize_cache_key` there, written by ``datasets``
+    through a temporary file and a rename: a later run -- or another rank, when the main process
+    tokenizes first (``training.run``) -- memory-maps it instead of tokenizing again."""
     import datasets
 
+    if isinstance(records, datasets.IterableDataset):
+        return _tokenized_stream(records, tok, max_length, where, chat)
     fmt = formats.detect(set().union(*(r.keys() for r in records[:1000]))) if records else None
-    enc = [encode(r, tok, max_length, fmt, chat) for r in records]
-    kept = [e for e in enc if any(l != -100 for l in e["labels"][1:])]
-    if not kept:
-        raise ValueError(f"{where}: none of the {len(enc)} examples keeps a label token within train.max_length="
+
+    def encode_batch(batch):
+        enc = [encode(records[i], tok, max_length, fmt, chat) for i in batch["row"]]
+        enc = [e for e in enc if any(l != -100 for l in e["labels"][1:])]
+        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+
+    index = datasets.Dataset.from_dict({"row": list(range(len(records)))})
+    path = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(cache_dir) / f"tokenized-{tokenize_cache_key(records, tok, max_length, fmt, chat)}.arrow"
+    hit = path is not None and path.is_file()
+    kept = index.map(encode_batch, batched=True, num_proc=num_proc if len(records) > 1 else None,
+                     remove_columns=["row"], cache_file_name=None if path is None else str(path),
+                     load_from_cache_file=True, desc=f"tokenizing {where}")
+    if path is not None:
+        log.info("%s: tokenized examples %s %s", where, "read from" if hit else "written to", path)
+    if not len(kept):
+        raise ValueError(f"{where}: none of the {len(records)} examples keeps a label token within train.max_length="
                          f"{max_length} (the loss would be on nothing); raise train.max_length")
-    if len(kept) < len(enc):
+    if len(kept) < len(records):
         log.warning("%s: %d of %d examples have no label token within train.max_length=%d and are skipped",
-                    where, len(enc) - len(kept), len(enc), max_length)
-    return datasets.Dataset.from_list(kept)
+                    where, len(records) - len(kept), len(records), max_length)
+    return kept
+
+
+def _tokenized_stream(stream, tok, max_length: int, where: str, chat: bool):
+    """A stream tokenized as it is read (``IterableDataset.map``, lazy): each row is checked first, and a bad
+    one stops the run naming its row number; rows without a label token are skipped (counted in the log)."""
+    first = next(iter(stream.take(1)))
+    fmt, columns = formats.detect(first.keys()), list(stream.column_names or first.keys())
+    skipped = [0]
+
+    def encode_batch(batch, idx):
+        ids, labels = [], []
+        for n, i in enumerate(idx):
+            row = {k: v[n] for k, v in batch.items()}
+            problem = formats.row_problem(row, fmt)
+            if problem:
+                raise ValueError(f"{where}, row {i + 1}: {problem}")
+            e = encode(row, tok, max_length, fmt, chat)
+            if any(l != -100 for l in e["labels"][1:]):
+                ids.append(e["input_ids"])
+                labels.append(e["labels"])
+            else:
+                skipped[0] += 1
+                if skipped[0] in (1, 10, 100, 1000):
+                    log.warning("%s: %d streamed example(s) so far have no label token within train.max_length=%d "
+                                "and are skipped", where, skipped[0], max_length)
+        return {"input_ids": ids, "labels": labels}
+
+    return stream.map(encode_batch, batched=True, with_indices=True, remove_columns=columns)
 
 
 @dataclass

@@ -323,14 +323,10 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     check_launcher(cfg)
     check_output_dir(cfg, resume)  # before any expensive work, as the checkpoint search
     splits = load_splits(cfg.data, cfg.eval_data, split=cfg.data_split, eval_split=cfg.eval_data_split, subset=cfg.data_subset,
-                         revision=cfg.data_revision, eval_fraction=cfg.eval_fraction)  # checked before any model loads
-    tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
-    train_data = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template)
+                         revision=cfg.data_revision, eval_fraction=cfg.eval_fraction,
+                         streaming=cfg.data_streaming)  # checked before any model loads
     if cfg.train.eval_steps and not splits.test:
         raise ValueError("train.eval_steps needs held-out data: set eval_data or eval_fraction")
-    held = splits.validation if cfg.train.eval_split == "validation" else splits.test
-    eval_data = tokenized_dataset(held, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data,
-                                  chat=cfg.chat_template) if cfg.train.eval_steps else None
     engine = engines.create(cfg)
     engine.setup()
     checkpoint = find_checkpoint(cfg.train.output_dir, resume) if resume else None
@@ -340,8 +336,23 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     args = training_arguments(cfg, engine)
     _ = args.device  # sets up torch.distributed under a launcher (lazy in TrainingArguments)
     check_same_config(cfg)
+    tokenized = tokenize_splits(cfg, args, splits)
     with OutputLock(Path(cfg.train.output_dir)):
-        return _train(cfg, engine, args, splits, (train_data, eval_data), checkpoint, resume, adapt, keep, t0)
+        return _train(cfg, engine, args, splits, tokenized, checkpoint, resume, adapt, keep, t0)
+
+
+def tokenize_splits(cfg: RunConfig, args, splits) -> tuple:
+    """(train, eval) datasets, tokenized once per node: the node's first rank tokenizes into the cache
+    (``data_cache``) while the others wait, then they read its file (``TrainingArguments.main_process_first``)."""
+    tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
+    cache = builtin.cache_dir() / "tokenized" if cfg.data_cache else None
+    held = splits.validation if cfg.train.eval_split == "validation" else splits.test
+    with args.main_process_first(desc="tokenizing the data"):
+        train = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template,
+                                  num_proc=cfg.data_num_proc, cache_dir=cache)
+        held = tokenized_dataset(held, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data, chat=cfg.chat_template,
+                                 num_proc=cfg.data_num_proc, cache_dir=cache) if cfg.train.eval_steps else None
+    return train, held
 
 
 def _train(cfg: RunConfig, engine, args, splits, tokenized, checkpoint, resume, adapt, keep, t0: float) -> dict:

@@ -72,3 +72,31 @@ def test_plot_vs_review_is_balanced_and_split():
     s = load_splits("builtin:plot_vs_review")
     assert len(s.test) == 500 and len(s.validation) == 500
     assert not {r["prompt"] for r in s.test} & {r["prompt"] for r in s.train}
+
+
+def test_tokenized_data_is_cached_by_content_and_settings_and_workers_agree(tmp_path, monkeypatch):
+    """A second tokenization of the same rows with the same tokenizer and max_length reads the cache
+    (encode is never called); another max_length or an edited row makes a new file; 2 worker
+    processes give the same examples as one, in the same order."""
+    import svd_scale.data as data
+
+    rows = [{"prompt": f"p{i} " * (i % 7), "completion": f" c{i}"} for i in range(300)]
+    first = data.tokenized_dataset(rows, _Tok(), 16, cache_dir=tmp_path)
+    files = sorted(tmp_path.glob("tokenized-*.arrow"))
+    assert len(files) == 1 and len(first) == 300
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "encode", refuse)
+    again = data.tokenized_dataset(rows, _Tok(), 16, cache_dir=tmp_path)
+    assert again["input_ids"] == first["input_ids"] and again["labels"] == first["labels"]
+    monkeypatch.undo()
+    assert data.tokenized_dataset(rows, _Tok(), 12, cache_dir=tmp_path)["input_ids"] != first["input_ids"]
+    edited = [dict(r) for r in rows]
+    edited[5]["completion"] = " other"
+    assert data.tokenized_dataset(edited, _Tok(), 16, cache_dir=tmp_path)["input_ids"][5] != first["input_ids"][5]
+    assert len(list(tmp_path.glob("tokenized-*.arrow"))) == 3
+    two = data.tokenized_dataset(rows, _Tok(), 16, num_proc=2)
+    assert two["input_ids"] == first["input_ids"] and two["labels"] == first["labels"]
+    assert first["input_ids"][3] == encode(rows[3], _Tok(), 16)["input_ids"]  # the cache holds what encode makes

@@ -161,3 +161,37 @@ def test_packed_batches_train_exactly_like_padded_ones(tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
     from conftest import assert_same_adapter
     assert_same_adapter(tmp_path / "p" / "adapter", tmp_path / "u" / "adapter", atol=1e-6, rtol=1e-5)
+
+
+def test_a_streamed_file_trains_like_the_same_file_read_whole_and_a_bad_row_stops_it(tmp_path):
+    """data_streaming: the rows come through datasets' IterableDataset, tokenized as they are read; with
+    the in-memory run reading its rows in order too, losses and adapter are the same. A bad row after the
+    first 1000 (which are checked up front) stops the run naming the row."""
+    from svd_scale.config import load_config
+    from svd_scale.training import run
+
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
+    rows = [{"prompt": f"Review {i}: {'a fine' if i % 3 else 'a dull'} film.", "completion": " positive" if i % 3 else " negative"}
+            for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = (f"model={model}", f"data={tmp_path / 'd.jsonl'}", "rank=4", "train.max_steps=3", "train.batch_size=4",
+            "train.max_length=32", "train.eval_examples=0", "train.logging_steps=1", "train.lr=1e-2", "data_cache=false")
+    streamed = run(load_config(None, (*args, "data_streaming=true", f"train.output_dir={tmp_path / 's'}")))
+    whole = run(load_config(None, (*args, "train.hf_args={train_sampling_strategy: sequential}",
+                                   f"train.output_dir={tmp_path / 'w'}")))
+    assert len(streamed["losses"]) == 3
+    for (_, a), (_, b) in zip(streamed["losses"], whole["losses"]):
+        assert a == pytest.approx(b, rel=1e-6)
+    from conftest import assert_same_adapter
+    assert_same_adapter(tmp_path / "s" / "adapter", tmp_path / "w" / "adapter", atol=1e-7, rtol=1e-6)
+
+    bad = rows * 30 + [{"prompt": "no completion here"}]  # row 1201, beyond the rows checked up front
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in bad))
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 1201: "):
+        run(load_config(None, (*args[:1], f"data={tmp_path / 'bad.jsonl'}", *args[2:], "data_streaming=true",
+                               "train.max_steps=40", "train.batch_size=40", "train.max_length=12",
+                               f"train.output_dir={tmp_path / 'b'}")))
+    with pytest.raises(ValueError, match="eval_fraction would need the whole stream"):
+        load_splits(str(tmp_path / "d.jsonl"), streaming=True, eval_fraction=0.1)
+    with pytest.raises(ValueError, match="set train.max_steps instead"):
+        load_config(None, ("data_streaming=true", "train.num_epochs=1"))

@@ -196,6 +196,22 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
     assert_same_adapter(out / "adapter_uninterrupted", out / "train" / "adapter", atol=1e-6, rtol=1e-6)
 
 
+def test_the_data_is_tokenized_once_by_the_first_rank_and_read_from_its_cache(world2):
+    """Rank 0 tokenizes the training rows while rank 1 waits (main_process_first), then rank 1 reads
+    rank 0's Arrow file; the resumed run tokenizes nothing on any rank."""
+    _, out = world2
+    from svd_scale.data import load_splits
+
+    n = len(load_splits("builtin:rotten_tomatoes").train)
+    counts = [json.loads((out / f"tokenize_rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [{"first_run": n, "resumed_run": 0}, {"first_run": 0, "resumed_run": 0}]
+    from datasets import Dataset
+
+    files = sorted((out / "cache" / "tokenized").glob("tokenized-*.arrow"))  # the job's later runs add their own
+    assert files and all(len(Dataset.from_file(str(f))) > 0 for f in files)
+    assert not list((out / "cache" / "tokenized").glob("tmp*"))  # no temporary left behind
+
+
 @pytest.fixture(scope="module")
 def two_nodes(model_dir, tmp_path_factory, world2):
     """The multi-node launch path on one host: a hostfile with two nodes of one slot each and one
@@ -353,3 +369,14 @@ def test_a_chat_file_trains_under_zero3_like_one_process(world2, model_dir, tmp_
     assert json.loads((out / "chat" / "metrics.json").read_text())["engine"] == "deepspeed"
     assert_chat_run_like_one_process(out / "chat", model_dir, tmp_path,
                                      ("rank=8", "train.eval_examples=0", f"train.batch_size={GLOBAL_BATCH}", "train.lr=1e-2"))
+
+
+def test_a_streamed_chat_file_trains_under_zero3_like_the_file_read_whole(world2):
+    """data_streaming under 2 ZeRO-3 ranks: the batches of the stream (read and dispatched by the Trainer)
+    give the losses and adapter of the same rows read whole in order."""
+    _, out = world2
+    s, w = (json.loads((out / d / "metrics.json").read_text()) for d in ("chat_stream", "chat_whole"))
+    assert len(s["losses"]) == 3 and s["engine"] == "deepspeed"
+    for (_, a), (_, b) in zip(s["losses"], w["losses"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert_same_adapter(out / "chat_stream" / "adapter", out / "chat_whole" / "adapter", atol=1e-6, rtol=1e-5)

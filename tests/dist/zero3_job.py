@@ -161,7 +161,14 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
     common = [f"model={model_dir}", "rank=8", "train.eval_examples=0", "train.logging_steps=1", "train.max_length=48",
               f"train.batch_size={GLOBAL_BATCH // world}", "train.lr=1e-2", "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
     run_dir = out / "train"
+    # a tokenization cache of this job's own: the first run's first rank fills it, everyone else reads it
+    os.environ["SVD_SCALE_CACHE"] = str(out / "cache")
+    import svd_scale.data
+
+    calls, encode = [0], svd_scale.data.encode
+    svd_scale.data.encode = lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), encode(*a, **k))[1]
     run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")))
+    first = calls[0]
     if resume:  # stop after step 5: drop the later checkpoint, then --resume
         if dist.get_rank() == 0:
             shutil.copytree(run_dir / "adapter", out / "adapter_uninterrupted")
@@ -169,6 +176,8 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
             shutil.rmtree(run_dir / "checkpoint-10")
         dist.barrier()
         run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
+    svd_scale.data.encode = encode
+    (out / f"tokenize_rank{dist.get_rank()}.json").write_text(json.dumps({"first_run": first, "resumed_run": calls[0] - first}))
     if only_resume:
         return
     if resume_from:  # another world size's checkpoint: converted to DeepSpeed's universal format and resumed
@@ -188,6 +197,10 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
             chat_data.write(chat)
         dist.barrier()
         run(load_config(None, (*common, f"data={chat}", *chat_data.ARGS, f"train.output_dir={out / 'chat'}")))
+        # the same file streamed (rank 0 reads and tokenizes, the Trainer dispatches the batches) and read whole, in order
+        seq = ("train.max_steps=3", "train.logging_steps=1", "train.max_length=64", "train.hf_args={train_sampling_strategy: sequential}")
+        run(load_config(None, (*common, f"data={chat}", *seq, "data_streaming=true", f"train.output_dir={out / 'chat_stream'}")))
+        run(load_config(None, (*common, f"data={chat}", *seq, f"train.output_dir={out / 'chat_whole'}")))
     if bf16:
         # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
         run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",
