@@ -31,7 +31,8 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 (``stage3_max_live_parameters``), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
 this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (1.75e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
-instead of DeepSpeed's Python autograd wrapper); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
+ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
 after the timed ones (tables to ``--profile-dir``).
 
@@ -88,7 +89,7 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
 
 
 SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
-                    "mpersist": 4e9, "mel": 0}
+                    "mpersist": 4e9, "mel": 0, "norepl": None}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
                 "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
                 "mpersist": "stage3_model_persistence_threshold", "mel": "memory_efficient_linear"}
@@ -127,7 +128,7 @@ def ds_config(row: str, hidden: int, setting: str = "shipped") -> dict:
     return cfg
 
 
-def build(row: str, path: Path, ds: dict):
+def build(row: str, path: Path, ds: dict, setting: str = "shipped"):
     """The model of ``row``, adapted, before ``deepspeed.initialize``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -155,7 +156,8 @@ def build(row: str, path: Path, ds: dict):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
     cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
                                   quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
-    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds))
+    gib = 0.0 if "norepl" in parse_setting(setting) else 2.0  # norepl: U, V, sigma0 stay ZeRO-3 parameters
+    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds, replicate_frozen_gib=gib))
 
 
 def _peak(cuda: bool) -> float:
@@ -280,7 +282,7 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     before = _max(_now(cuda))  # what earlier rows left behind (0 when each row has its own process)
     dist.barrier()
     t0 = time.perf_counter()
-    model = build(name, path, ds)
+    model = build(name, path, ds, setting)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()  # from_pretrained returns eval mode, where transformers skips the checkpointing

@@ -20,7 +20,8 @@ and declares, in one place, the role of every tensor it adds:
   the init of a bf16 model would be off by bf16's rounding of the top singular values.
 
 Frozen tensors are parameters (not buffers) because ZeRO-3 and FSDP shard
-parameters only. Freezing, saving and tests all derive from ``roles``.
+parameters only (under ZeRO-3 small FACTOR/INIT tensors are turned into whole buffers
+before the init: ``ZeRO3Access.adopt``). Freezing, saving and tests all derive from ``roles``.
 """
 from __future__ import annotations
 

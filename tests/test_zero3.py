@@ -140,6 +140,10 @@ def test_model_is_partitioned_from_load_to_training(job):
         # during init at most max_group whole weights were gathered at once, never the model
         assert f["peak_gathered_numel"] <= f["max_group"] * f["max_weight_numel"]
         assert f["peak_gathered_numel"] < f["model_weight_numel"] / 10
+        # the adapters' frozen factors are whole buffers on every rank (fewer tensors for DeepSpeed to
+        # release and re-gather each step); the trainables stay ZeRO-3 parameters
+        assert f["buffers"] == ["U", "Vh", "sigma0"] and f["zero_params"] == ["scale", "sigma_delta"]
+        assert f["replicated_bytes"] > 0
 
 
 def test_losses_match_a_single_process_run(job, single):

@@ -62,10 +62,12 @@ def _hf_ds_config() -> Optional[dict]:
 class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
-    def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None):
+    def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None, replicate_frozen_gib: float = 2.0):
         self.max_group = max_group
         self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
+        self.replicate_frozen_gib = replicate_frozen_gib
         self.peak_gathered_numel = 0
+        self.replicated_bytes = 0
 
     @classmethod
     def detect(cls, model: torch.nn.Module) -> bool:
@@ -92,6 +94,16 @@ class ZeRO3Access(WeightAccess):
 
         with torch.no_grad(), deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             p.data.copy_(full.to(device=p.device, dtype=p.dtype))
+
+    def adopt(self, model, layers) -> None:
+        """Keep the adapters' frozen tensors (roles FACTOR and INIT: U, V, sigma0) whole on every rank, as
+        non-persistent buffers that ZeRO-3 never sees, while they total at most ``replicate_frozen_gib``
+        (7B shape, r=64: 0.3 GiB; 70B: 1.7 GiB). DeepSpeed releases every parameter after each optimizer
+        step and re-gathers each persistent one with its own collective -- 672 of them for a 7B model's
+        U, V and sigma0, which never change (bench/results/zero3_options_H200x4.md). Done before the
+        init, which then writes and broadcasts them like any whole tensor; the adapter file still saves
+        them (``layer.tensors()`` reads buffers too). Over the budget they stay ZeRO-3 parameters."""
+        self.replicated_bytes = replicate_frozen(layers, self.replicate_frozen_gib)
 
     def wire_regularizer(self, model, regularizer) -> None:
         """The regularizer reads parameters that other modules own: register them as its external
@@ -147,6 +159,22 @@ class ZeRO3Access(WeightAccess):
                                          layer.compute_dtype)
         deepspeed.zero.Init(module=new, config_dict_or_path=self.ds_config, dtype=layer.storage.shard_dtype)
         layer.base_layer = new
+
+
+def replicate_frozen(layers, budget_gib: float) -> int:
+    """Turn the layers' FACTOR and INIT parameters into non-persistent buffers holding their whole value
+    if together they take at most ``budget_gib``; returns the bytes so kept (0: none)."""
+    from ..layer import Role
+
+    frozen = [(layer, n, p) for _, layer in layers for n, p in layer.tensors((Role.FACTOR, Role.INIT)).items()]
+    nbytes = sum((p.ds_numel if is_zero3_param(p) else p.numel()) * p.element_size() for *_, p in frozen)
+    if not frozen or nbytes > budget_gib * 2**30:
+        return 0
+    for layer, name, p in frozen:
+        whole = ZeRO3Access.full_value(p).to(p.ds_tensor.device) if is_zero3_param(p) else p.detach()
+        del layer._parameters[name]
+        layer.register_buffer(name, whole, persistent=False)
+    return nbytes
 
 
 def _broadcast(p: torch.Tensor, src: int) -> None:
@@ -362,6 +390,10 @@ class ZeRO3Engine(Engine):
             return adapt(model), tok
         access = ZeRO3Access(ds_config=ds) if stage3 else None
         model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
+        if access is not None and access.replicated_bytes:
+            self.notes["zero3_replicated_frozen_mib"] = round(access.replicated_bytes / 2**20, 1)
+            say(f"ZeRO-3: the adapters' frozen U, V and sigma0 ({access.replicated_bytes / 2**20:.1f} MiB) are kept "
+                "whole on every rank, outside ZeRO-3 (fewer tensors to release and re-gather each step)")
         if stage3 and self.cfg.train.gradient_checkpointing:
             self.notes["zero3_leaf_modules"] = set_leaf_modules(model)
             say(f"ZeRO-3: every {self.notes['zero3_leaf_modules']} is a leaf module (fetched whole, one hook pair)")

@@ -52,7 +52,12 @@ def init_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     facts = {"world": world, "base_local": base_local, "base_total": base_total, "local": local, "total": total,
              "peak_gathered_numel": access.peak_gathered_numel, "max_group": 2, "max_weight_numel": max(weights),
              "model_weight_numel": sum(p.ds_numel for p in model.parameters()),
-             "max_abs_logit_diff_vs_base": float((logits - plain).abs().max())}
+             "max_abs_logit_diff_vs_base": float((logits - plain).abs().max()),
+             # U, V, sigma0: whole buffers outside ZeRO-3 (ZeRO3Access.adopt); sigma_delta, s: ZeRO-3 parameters
+             "buffers": sorted(n for n, _ in next(svd_scale.adapter_layers(model))[1].named_buffers(recurse=False)),
+             "zero_params": sorted(n for n, p in next(svd_scale.adapter_layers(model))[1].named_parameters(recurse=False)
+                                   if hasattr(p, "ds_id")),
+             "replicated_bytes": access.replicated_bytes}
     (out / f"init_rank{rank}.json").write_text(json.dumps(facts))
     engine.destroy()
 
