@@ -127,14 +127,24 @@ class SVDTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then :data:`MARKER` naming the save id of its adapter state: a checkpoint
         whose marker is missing, or names another save (a rewrite into an old checkpoint cut short), is
-        not complete (``checkpoint_problem``)."""
-        self.svd_save = None
-        super()._save_checkpoint(model, trial)
+        not complete (``checkpoint_problem``). ``save_total_limit``'s rotation runs only after the marker: the
+        Trainer would delete the older checkpoints first, and a save cut short then would leave none to resume."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        self.svd_save, limit = None, self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save and self.svd_save:
             folder, save_id = self.svd_save
             tmp = Path(folder) / f".{MARKER}.{save_id}.tmp"
             tmp.write_text(json.dumps({"save_id": save_id, "step": self.state.global_step}))
             os.replace(tmp, Path(folder) / MARKER)
+        if self.args.should_save and limit:
+            rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The adapter as training held it (unpruned) and model-level training state;

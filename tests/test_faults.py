@@ -316,9 +316,9 @@ def test_a_checkpoint_write_failing_at_any_point_is_skipped_and_the_run_resumes_
     from svd_scale.training import run
 
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "m")
-    args = lambda out: load_config(None, (f"model={model}", "rank=4", "train.max_steps=2", "train.batch_size=4",  # noqa: E731
-                                          "train.max_length=32", "train.eval_examples=0", "train.logging_steps=1",
-                                          "train.save_steps=1", "train.lr=1e-2", f"train.output_dir={out}"))
+    args = lambda out, *more: load_config(None, (f"model={model}", "rank=4", "train.max_steps=2", "train.batch_size=4",  # noqa: E731
+                                                 "train.max_length=32", "train.eval_examples=0", "train.logging_steps=1",
+                                                 "train.save_steps=1", "train.lr=1e-2", f"train.output_dir={out}", *more))
     writes, fail_at = [], [None]
 
     def wrap(orig, path_of):
@@ -351,6 +351,19 @@ def test_a_checkpoint_write_failing_at_any_point_is_skipped_and_the_run_resumes_
         assert resumed["resumed_from"].endswith("checkpoint-1"), k
         assert dict(resumed["losses"])[2] == pytest.approx(dict(full["losses"])[2], rel=1e-6)
         assert_same_adapter(tmp_path / "full" / "adapter", out / "adapter", atol=1e-6, rtol=1e-6)
+    # save_total_limit=1: checkpoint-1 is deleted only once checkpoint-2 is complete (its marker, the last write,
+    # failing here); the Trainer alone rotates first and would leave no checkpoint to resume
+    limited = lambda out: args(out, "train.hf_args={save_total_limit: 1}")  # noqa: E731
+    out, fail_at[0] = tmp_path / "limited", points[-1]
+    writes.clear()
+    with pytest.raises(OSError, match="No space left"):
+        run(limited(out))
+    fail_at[0] = None
+    assert "svd_scale_checkpoint.json" in writes[points[-1] - 1] and (out / "checkpoint-1").is_dir()
+    resumed = run(limited(out), resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-1")
+    assert dict(resumed["losses"])[2] == pytest.approx(dict(full["losses"])[2], rel=1e-6)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the limit still holds
 
 
 def test_nan_policy_skip_drops_that_steps_update_and_stops_past_its_limit(tmp_path, monkeypatch):
