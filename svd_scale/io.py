@@ -69,16 +69,24 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_fingerprint(model: nn.Module) -> Optional[dict]:
     """Eight rows of the input embedding (which no adapter changes): their norms and sums, in float64.
-    Collective under ZeRO-3/FSDP2 (gathers the embedding). None for a model without one."""
+    Collective under ZeRO-3/FSDP2 (gathers the embedding) the first time; a frozen embedding keeps the
+    result, so later saves (every checkpoint) do not gather it again (70B: 1 GiB each time). None for a
+    model without one."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor):
         return None
+    frozen = not emb.weight.requires_grad
+    if frozen and getattr(emb, "_svd_scale_fingerprint", None) is not None:
+        return emb._svd_scale_fingerprint
     W = full_value(emb.weight)
     rows = sorted({round(i * (W.shape[0] - 1) / 7) for i in range(8)})
     R = W[rows].double()
-    return {"embedding_shape": list(W.shape), "rows": rows,
-            "row_norms": R.norm(dim=1).tolist(), "row_sums": R.sum(dim=1).tolist()}
+    fp = {"embedding_shape": list(W.shape), "rows": rows,
+          "row_norms": R.norm(dim=1).tolist(), "row_sums": R.sum(dim=1).tolist()}
+    if frozen:  # the same object on every rank, so every rank skips the next gather alike
+        emb._svd_scale_fingerprint = fp
+    return fp
 
 
 def fingerprint_mismatch(saved: dict, found: Optional[dict]) -> Optional[str]:

@@ -261,3 +261,24 @@ def test_an_adapter_saved_before_relative_updates_loads_as_absolute(tokens, tmp_
     torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-5, rtol=0)
     fresh = svd_scale.apply(tiny_llama(), AdapterConfig(rank=6))  # today's default trains sigma_delta
     assert "sigma_delta" in dict(next(svd_scale.adapter_layers(fresh))[1].named_parameters())
+
+
+def test_the_base_fingerprint_is_read_once_per_frozen_embedding(tmp_path, monkeypatch):
+    """Every checkpoint save stamps the adapter with the base's fingerprint; a frozen embedding is read
+    (under ZeRO-3/FSDP2: gathered) once, not at every save -- a trainable one every time -- and the
+    stamp still tells another base apart."""
+    import svd_scale.io as sio
+
+    model = svd_scale.apply(tiny_llama(), AdapterConfig(rank=4))
+    emb = model.get_input_embeddings().weight
+    reads, full_value = [], sio.full_value
+    monkeypatch.setattr(sio, "full_value", lambda p: (reads.append(p is emb), full_value(p))[1])
+    first, again = sio.base_fingerprint(model), sio.base_fingerprint(model)
+    assert first == again and reads == [True]
+    emb.requires_grad_(True)
+    sio.base_fingerprint(model)
+    assert reads == [True, True]
+    other = tiny_llama()
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(2)
+    assert sio.fingerprint_mismatch(first, sio.base_fingerprint(other)) is not None
