@@ -309,6 +309,10 @@ class RunConfig:
     data_revision: Optional[str] = field(default=None, metadata={"help": "revision (branch, tag, commit) of a Hub dataset"})
     eval_data: Optional[str] = field(default=None, metadata={"help": "held-out data, any source `data` accepts (built-in data brings its own fixed split)"})
     eval_data_split: str = field(default="test", metadata={"help": "split of eval_data (Hub dataset or saved DatasetDict)"})
+    eval_data_subset: Optional[str] = field(default=None, metadata={"help": "configuration (subset) of eval_data; unset: "
+                                            "data_subset when eval_data is the same dataset as data, else none"})
+    eval_data_revision: Optional[str] = field(default=None, metadata={"help": "revision of eval_data; unset: data_revision "
+                                              "when eval_data is the same dataset as data, else none"})
     eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of `data` (fixed seed) when eval_data is "
                                  "not given; 0: every row trains"})
     chat_template: bool = field(default=False, metadata={"help": "prompt/completion rows as a user turn and the assistant's answer "

@@ -169,13 +169,18 @@ STREAM_CHECK_ROWS = 1000
 
 def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "train", eval_split: str = "test",
                 subset: Optional[str] = None, revision: Optional[str] = None, eval_fraction: float = 0.0,
-                streaming: bool = False) -> Splits:
+                streaming: bool = False, eval_subset: Optional[str] = None, eval_revision: Optional[str] = None) -> Splits:
+    """Train rows and held-out rows. ``eval_spec`` is read with ``eval_subset``/``eval_revision``; when it names
+    the same source as ``spec`` and those are unset, with ``spec``'s (another split of the same dataset)."""
+    if eval_spec == spec:
+        eval_subset = subset if eval_subset is None else eval_subset
+        eval_revision = revision if eval_revision is None else eval_revision
     if streaming:  # train rows as a stream; held-out data (if any) is small and read whole
         if eval_fraction:
             raise ValueError("data_streaming: eval_fraction would need the whole stream first; give eval_data instead")
         stream = stream_source(spec, split, subset, revision)
         check_records(spec, list(stream.take(STREAM_CHECK_ROWS)))
-        held = read_source(eval_spec, eval_split, subset, revision) if eval_spec else []
+        held = read_source(eval_spec, eval_split, eval_subset, eval_revision) if eval_spec else []
         if eval_spec:
             check_records(eval_spec, held)
         return Splits(stream, [], held)
@@ -190,7 +195,7 @@ def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "tra
     records = read_source(spec, split, subset, revision)
     check_records(spec, records)
     if eval_spec:
-        held = read_source(eval_spec, eval_split, subset, revision)
+        held = read_source(eval_spec, eval_split, eval_subset, eval_revision)
         check_records(eval_spec, held)
         return Splits(records, [], held)
     if not eval_fraction:

@@ -334,7 +334,8 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
     check_output_dir(cfg, resume)  # before any expensive work, as the checkpoint search
     splits = load_splits(cfg.data, cfg.eval_data, split=cfg.data_split, eval_split=cfg.eval_data_split, subset=cfg.data_subset,
                          revision=cfg.data_revision, eval_fraction=cfg.eval_fraction,
-                         streaming=cfg.data_streaming)  # checked before any model loads
+                         streaming=cfg.data_streaming, eval_subset=cfg.eval_data_subset,
+                         eval_revision=cfg.eval_data_revision)  # checked before any model loads
     if cfg.train.eval_steps and not splits.test:
         raise ValueError("train.eval_steps needs held-out data: set eval_data or eval_fraction")
     engine = engines.create(cfg)

@@ -195,3 +195,28 @@ def test_a_streamed_file_trains_like_the_same_file_read_whole_and_a_bad_row_stop
         load_splits(str(tmp_path / "d.jsonl"), streaming=True, eval_fraction=0.1)
     with pytest.raises(ValueError, match="set train.max_steps instead"):
         load_config(None, ("data_streaming=true", "train.num_epochs=1"))
+
+
+def test_eval_data_takes_its_own_subset_and_inherits_only_from_the_same_dataset(tmp_path):
+    """A Hub-style folder with two configurations: eval_data from another dataset is not read with the
+    training data's subset; from the same dataset (another split) it is, unless eval_data_subset says otherwise."""
+    def rows(tag, n):
+        return "\n".join(json.dumps({"prompt": f"{tag} {i}", "completion": f" {tag}"}) for i in range(n))
+
+    hub = tmp_path / "hub"
+    for cfg in ("a", "b"):
+        (hub / cfg).mkdir(parents=True)
+        (hub / cfg / "train.jsonl").write_text(rows(f"{cfg}-train", 6))
+        (hub / cfg / "test.jsonl").write_text(rows(f"{cfg}-test", 3))
+    (hub / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: test\n    path: {c}/test.jsonl\n" for c in ("a", "b")) + "---\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "test.jsonl").write_text(rows("other", 4))
+    s = load_splits(str(hub), str(other), subset="a", eval_split="test")
+    assert s.train[0]["completion"] == " a-train" and [r["completion"] for r in s.test] == [" other"] * 4
+    same = load_splits(str(hub), str(hub), subset="a", eval_split="test")
+    assert [r["completion"] for r in same.test] == [" a-test"] * 3
+    mixed = load_splits(str(hub), str(hub), subset="a", eval_split="test", eval_subset="b")
+    assert [r["completion"] for r in mixed.test] == [" b-test"] * 3
