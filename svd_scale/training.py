@@ -202,10 +202,15 @@ def training_arguments(cfg: RunConfig, engine: engines.Engine):
     steps = dict(num_train_epochs=t.num_epochs, max_steps=-1, warmup_steps=min(t.warmup_ratio, 0.999)) \
         if t.num_epochs else dict(max_steps=t.max_steps, warmup_steps=int(round(t.warmup_ratio * t.max_steps)))
     evals = dict(eval_strategy="steps", eval_steps=t.eval_steps, per_device_eval_batch_size=t.batch_size) if t.eval_steps else {}
+    # a stream: every rank reads it and keeps its share of each global batch (accelerate's IterableDatasetShard);
+    # accelerate's default for streams -- rank 0 reads and sends the batches -- needs batches of one shape,
+    # which right padding to each batch's longest example (or packing) does not give
+    stream = dict(accelerator_config={"dispatch_batches": False}) if cfg.data_streaming else {}
     kwargs = dict(
         output_dir=t.output_dir,
         **steps,
         **evals,
+        **stream,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,

@@ -375,9 +375,9 @@ def test_a_chat_file_trains_under_zero3_like_one_process(world2, model_dir, tmp_
                                      ("rank=8", "train.eval_examples=0", f"train.batch_size={GLOBAL_BATCH}", "train.lr=1e-2"))
 
 
-def test_a_streamed_chat_file_trains_under_zero3_like_the_file_read_whole(world2):
-    """data_streaming under 2 ZeRO-3 ranks: the batches of the stream (read and dispatched by the Trainer)
-    give the losses and adapter of the same rows read whole in order."""
+def test_a_streamed_file_trains_under_zero3_like_the_file_read_whole(world2):
+    """data_streaming under 2 ZeRO-3 ranks, rows of many lengths (so ranks' batches differ in shape): each rank
+    reads the stream and keeps its share of each global batch; losses and adapter equal the rows read whole in order."""
     _, out = world2
     s, w = (json.loads((out / d / "metrics.json").read_text()) for d in ("chat_stream", "chat_whole"))
     assert len(s["losses"]) == 3 and s["engine"] == "deepspeed"

@@ -202,10 +202,16 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
             chat_data.write(chat)
         dist.barrier()
         run(load_config(None, (*common, f"data={chat}", *chat_data.ARGS, f"train.output_dir={out / 'chat'}")))
-        # the same file streamed (rank 0 reads and tokenizes, the Trainer dispatches the batches) and read whole, in order
+        # rows of many lengths streamed (each rank reads the stream, keeps its share of each global batch) and
+        # read whole, in order: the same batches
+        varied = out / "varied.jsonl"
+        if dist.get_rank() == 0:
+            varied.write_text("\n".join(json.dumps({"prompt": f"Review {i}:" + " a very" * (i * 7 % 11) + " fine film.",
+                                                    "completion": " positive" if i % 3 else " negative"}) for i in range(60)))
+        dist.barrier()
         seq = ("train.max_steps=3", "train.logging_steps=1", "train.max_length=64", "train.hf_args={train_sampling_strategy: sequential}")
-        run(load_config(None, (*common, f"data={chat}", *seq, "data_streaming=true", f"train.output_dir={out / 'chat_stream'}")))
-        run(load_config(None, (*common, f"data={chat}", *seq, f"train.output_dir={out / 'chat_whole'}")))
+        run(load_config(None, (*common, f"data={varied}", *seq, "data_streaming=true", f"train.output_dir={out / 'chat_stream'}")))
+        run(load_config(None, (*common, f"data={varied}", *seq, f"train.output_dir={out / 'chat_whole'}")))
     if bf16:
         # evaluates before and after training (ZeRO-3 forwards outside a step), then exports
         run(load_config(None, (*common, "train.max_steps=2", "train.precision=bf16", "train.eval_examples=96",
