@@ -227,6 +227,10 @@ class TrainConfig:
                           "the eager tokens/s, bench/results/train_throughput_H100.md); engines single and fsdp2"})
     engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed, fsdp2 (under torchrun)"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
+    zero3_replicate_frozen_gib: Optional[float] = field(default=None, metadata={"help": "ZeRO-3: keep the adapters' frozen "
+                                                        "U, V, sigma0 whole on every rank, outside ZeRO-3, while they total at most "
+                                                        "this many GiB (fewer tensors re-gathered each step); null: 2, or 0 when "
+                                                        "the DeepSpeed config offloads parameters"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
     overwrite: bool = field(default=False, metadata={"help": "write into an output_dir that holds another run's results "

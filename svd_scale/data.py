@@ -242,7 +242,8 @@ ENCODE_VERSION = 1
 
 def tokenize_cache_key(records: list, tok, max_length: int, fmt: Optional[str], chat: bool) -> str:
     """What a tokenized copy depends on: every row's content, the tokenizer (its whole state, as
-    ``datasets`` hashes it for ``map``), ``max_length``, the format, ``chat`` and :data:`ENCODE_VERSION`."""
+    ``datasets`` hashes it for ``map``), ``max_length``, the format, ``chat``, :data:`ENCODE_VERSION` and the
+    versions of transformers and tokenizers."""
     import hashlib
     import json
 
@@ -252,7 +253,11 @@ def tokenize_cache_key(records: list, tok, max_length: int, fmt: Optional[str], 
     for r in records:
         h.update(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode())
         h.update(b"\n")
-    return Hasher.hash([h.hexdigest(), Hasher.hash(tok), max_length, fmt, chat, ENCODE_VERSION])
+    import tokenizers
+    import transformers
+
+    versions = (transformers.__version__, tokenizers.__version__)  # an upgrade may split the same text otherwise
+    return Hasher.hash([h.hexdigest(), Hasher.hash(tok), max_length, fmt, chat, ENCODE_VERSION, versions])
 
 
 def tokenized_dataset(records: list, tok, max_length: int, where: str = "training data", chat: bool = False,
@@ -276,17 +281,23 @@ def tokenized_dataset(records: list, tok, max_length: int, where: str = "trainin
         enc = [e for e in enc if any(l != -100 for l in e["labels"][1:])]
         return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
 
+    import uuid
+
     index = datasets.Dataset.from_dict({"row": list(range(len(records)))})
-    path = None
+    path, key = None, uuid.uuid4().hex  # our own fingerprint: datasets would hash the closure (all rows) each time
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(cache_dir) / f"tokenized-{tokenize_cache_key(records, tok, max_length, fmt, chat)}.arrow"
-    hit = path is not None and path.is_file()
-    kept = index.map(encode_batch, batched=True, num_proc=num_proc if len(records) > 1 else None,
-                     remove_columns=["row"], cache_file_name=None if path is None else str(path),
-                     load_from_cache_file=True, desc=f"tokenizing {where}")
+        key = tokenize_cache_key(records, tok, max_length, fmt, chat)
+        path = Path(cache_dir) / f"tokenized-{key}.arrow"
+    num_proc = num_proc if len(records) > 1 else None
+    # with num_proc workers datasets writes one file per worker, named after path
+    hit = path is not None and (path.is_file() or any(path.parent.glob(f"{path.stem}_*_of_*.arrow")))
+    kept = index.map(encode_batch, batched=True, num_proc=num_proc, remove_columns=["row"],
+                     cache_file_name=None if path is None else str(path), load_from_cache_file=True,
+                     new_fingerprint=key, desc=f"tokenizing {where}")
     if path is not None:
-        log.info("%s: tokenized examples %s %s", where, "read from" if hit else "written to", path)
+        log.info("%s: tokenized examples %s %s%s", where, "read from" if hit else "written to", path,
+                 f" (one file per worker, {num_proc})" if num_proc and num_proc > 1 else "")
     if not len(kept):
         raise ValueError(f"{where}: none of the {len(records)} examples keeps a label token within train.max_length="
                          f"{max_length} (the loss would be on nothing); raise train.max_length")
@@ -299,8 +310,9 @@ def tokenized_dataset(records: list, tok, max_length: int, where: str = "trainin
 def _tokenized_stream(stream, tok, max_length: int, where: str, chat: bool):
     """A stream tokenized as it is read (``IterableDataset.map``, lazy): each row is checked first, and a bad
     one stops the run naming its row number; rows without a label token are skipped (counted in the log)."""
-    first = next(iter(stream.take(1)))
-    fmt, columns = formats.detect(first.keys()), list(stream.column_names or first.keys())
+    head = list(stream.take(STREAM_CHECK_ROWS))  # the rows load_splits checked: the same format
+    fmt = formats.detect(set().union(*(r.keys() for r in head)))
+    columns = list(stream.column_names or set().union(*(r.keys() for r in head)))
     skipped = [0]
 
     def encode_batch(batch, idx):

@@ -13,6 +13,7 @@ its DeepSpeed integration -- as :class:`SVDTrainer`, which differs in these plac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.l
              "train.resume_check", "train.compile", "train.deepspeed", "train.engine", "train.nan_policy",
              "train.nan_skip_limit", "train.gradient_checkpointing", "train.eval_steps", "train.report_to",
              "train.run_name", "train.hf_args", "train.num_epochs", "train.packing", "eval_data", "eval_data_split",
-             "eval_fraction")  # train.engine: the engine itself is compared (below)
+             "eval_fraction", "data_num_proc", "data_cache", "train.zero3_replicate_frozen_gib")  # train.engine: the engine itself is compared (below)
 
 
 class SVDTrainer(Trainer):
@@ -129,8 +130,6 @@ class SVDTrainer(Trainer):
         whose marker is missing, or names another save (a rewrite into an old checkpoint cut short), is
         not complete (``checkpoint_problem``). ``save_total_limit``'s rotation runs only after the marker: the
         Trainer would delete the older checkpoints first, and a save cut short then would leave none to resume."""
-        from transformers.trainer_utils import rotate_checkpoints
-
         self.svd_save, limit = None, self.args.save_total_limit
         self.args.save_total_limit = None
         try:
@@ -140,11 +139,21 @@ class SVDTrainer(Trainer):
         if self.args.should_save and self.svd_save:
             folder, save_id = self.svd_save
             tmp = Path(folder) / f".{MARKER}.{save_id}.tmp"
-            tmp.write_text(json.dumps({"save_id": save_id, "step": self.state.global_step}))
+            fields = self.svd_engine.marker_fields() if self.svd_engine else {}
+            tmp.write_text(json.dumps({"save_id": save_id, "step": self.state.global_step, **fields}))
             os.replace(tmp, Path(folder) / MARKER)
         if self.args.should_save and limit:
-            rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self._rotate(limit, self._get_output_dir(trial=trial))
+
+    def _rotate(self, limit: int, run_dir: str) -> None:
+        """The Trainer's own rotation (a function in transformers 5, a Trainer method before)."""
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:
+            self.args.save_total_limit = limit
+            return self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The adapter as training held it (unpruned) and model-level training state;
@@ -363,7 +372,9 @@ def tokenize_splits(cfg: RunConfig, args, splits) -> tuple:
     tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
     cache = builtin.cache_dir() / "tokenized" if cfg.data_cache else None
     held = splits.validation if cfg.train.eval_split == "validation" else splits.test
-    with args.main_process_first(desc="tokenizing the data"):
+    # with the cache, the node's first rank tokenizes while the others wait (up to train.timeout_minutes); without
+    # it every rank tokenizes for itself, at the same time
+    with args.main_process_first(desc="tokenizing the data") if cache else contextlib.nullcontext():
         train = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template,
                                   num_proc=cfg.data_num_proc, cache_dir=cache)
         held = tokenized_dataset(held, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data, chat=cfg.chat_template,

@@ -423,3 +423,30 @@ def test_mismatched_rank_configs_stop_every_rank_and_a_stopped_rank_ends_the_job
     assert not (tmp_path / "fault2_rank1.json").exists()  # rank 1 never got past its stop
     assert stopped["error"] != "no error" and stopped["seconds"] < 15 + 30, stopped  # 15 s timeout + start-up slack
     assert took < 240, (took, p.stderr[-3000:])  # the launcher ended the job; not the 30-minute default
+
+
+def test_resuming_with_recomputed_frozen_factors_refuses_ones_that_differ_from_the_checkpoint(tmp_path):
+    """Under ZeRO-3 U, Vh, sigma0 are buffers that DeepSpeed's checkpoint does not hold, so --resume
+    recomputes them by the init; they are compared with the checkpoint's training state, and a mismatch
+    (another decomposition: the trained sigma would act on other vectors) is refused naming the tensor."""
+    from safetensors.torch import save_file
+
+    from svd_scale.access import WeightAccess
+    from svd_scale.engines.zero3 import check_resumed_factors, replicate_frozen
+    from svd_scale.io import training_state_dict
+
+    class Replicating(WeightAccess):  # what ZeRO3Access.adopt does, in one process
+        def adopt(self, model, layers):
+            assert replicate_frozen(layers, 2.0) > 0
+
+    model = svd_scale.apply(tiny_llama(), svd_scale.AdapterConfig(rank=4), access=Replicating())
+    layers = list(svd_scale.adapter_layers(model))
+    assert all({"U", "Vh", "sigma0"} <= dict(l.named_buffers()).keys() for _, l in layers)
+    state = training_state_dict(model)
+    save_file(state, str(tmp_path / "ok.safetensors"))
+    assert check_resumed_factors(layers, str(tmp_path / "ok.safetensors")) == 3 * len(layers)
+    name = f"{layers[1][0]}.Vh"
+    state[name] = state[name].flip(0)  # the same singular vectors in another order
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(RuntimeError, match=rf"--resume: {name} recomputed by the init differs"):
+        check_resumed_factors(layers, str(tmp_path / "bad.safetensors"))

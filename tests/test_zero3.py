@@ -193,9 +193,13 @@ def test_decoder_layer_leaf_modules_with_checkpointing_train_like_one_process(jo
 
 
 def test_resume_reproduces_the_uninterrupted_run(world2):
+    """The checkpoint kept U, V, sigma0 as ZeRO-3 parameters (train.zero3_replicate_frozen_gib=0, the layout
+    before they became buffers); the resumed run, with the default, follows the checkpoint's marker."""
     _, out = world2
     full = json.loads((out / "metrics_uninterrupted.json").read_text())
     resumed = json.loads((out / "train" / "metrics.json").read_text())
+    marker = json.loads((out / "train" / "checkpoint-5" / "svd_scale_checkpoint.json").read_text())
+    assert marker["zero3_frozen"] == "parameters" and "zero3_replicated_frozen_mib" not in resumed
     assert_resumed_like_uninterrupted(full, resumed, rel=1e-6)
     assert_same_adapter(out / "adapter_uninterrupted", out / "train" / "adapter", atol=1e-6, rtol=1e-6)
 
@@ -384,3 +388,15 @@ def test_a_streamed_file_trains_under_zero3_like_the_file_read_whole(world2):
     for (_, a), (_, b) in zip(s["losses"], w["losses"]):
         assert a == pytest.approx(b, rel=1e-5)
     assert_same_adapter(out / "chat_stream" / "adapter", out / "chat_whole" / "adapter", atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_with_buffered_factors_resumes_with_them(two_nodes):
+    """The two-node job runs the default: U, V, sigma0 are buffers, its checkpoint says so, and the resumed
+    run keeps them buffers (its losses are checked against the single-node run above)."""
+    out, _ = two_nodes
+    marker = json.loads((out / "train" / "checkpoint-5" / "svd_scale_checkpoint.json").read_text())
+    resumed = json.loads((out / "train" / "metrics.json").read_text())
+    assert marker["zero3_frozen"] == "buffers" and resumed["zero3_replicated_frozen_mib"] > 0
+    # the recomputed U, Vh, sigma0 were compared with the checkpoint's (every layer, all three)
+    adapter = json.loads((out / "train" / "adapter" / "svd_scale_adapter.json").read_text())
+    assert resumed["zero3_resume_factors_checked"] == 3 * len(adapter["layers"])

@@ -79,6 +79,11 @@ class Engine:
         model = adapt(model) if adapt else apply(model, self.cfg.adapter, seed=self.cfg.train.seed)
         return model, tok
 
+    def marker_fields(self) -> dict:
+        """What a checkpoint's marker records about how this engine laid out its state (read back by
+        ``prepare_resume``)."""
+        return {}
+
     def attach(self, trainer) -> None:
         """Adjust the Trainer once it exists."""
 

@@ -177,6 +177,32 @@ def replicate_frozen(layers, budget_gib: float) -> int:
     return nbytes
 
 
+def check_resumed_factors(layers, state_file: str) -> int:
+    """A resumed run recomputes the buffered U, V, sigma0 by the init (DeepSpeed's checkpoint does not hold
+    buffers); compare them with the values the checkpoint's run trained with (its adapter state), and
+    refuse a mismatch -- another decomposition would put the trained sigma on other vectors, silently.
+    Returns how many tensors were compared."""
+    from safetensors import safe_open
+
+    from ..layer import Role
+
+    compared = 0
+    with safe_open(state_file, framework="pt") as f:
+        keys = set(f.keys())
+        for name, layer in layers:
+            for n, t in layer.tensors((Role.FACTOR, Role.INIT)).items():
+                key = f"{name}.{n}"
+                if is_zero3_param(t) or key not in keys:
+                    continue
+                saved, now = f.get_tensor(key).double(), t.detach().double().cpu()
+                err = (saved - now).abs().max().item()
+                if err > 1e-3 * max(saved.abs().max().item(), 1e-12):
+                    raise RuntimeError(f"--resume: {key} recomputed by the init differs from the checkpoint's by {err:.3g} "
+                                       f"({state_file}); the base model or the decomposition changed since it was written")
+                compared += 1
+    return compared
+
+
 def _broadcast(p: torch.Tensor, src: int) -> None:
     if is_zero3_param(p):  # a ZeRO-3 parameter: broadcast through its gather
         import deepspeed
@@ -353,6 +379,8 @@ class ZeRO3Engine(Engine):
 
     name = "deepspeed"
     trainer_bf16 = False  # torch_autocast in the DeepSpeed config
+    resume_layout: Optional[str] = None  # how the checkpoint being resumed kept U, V, sigma0 (prepare_resume)
+    resume_checkpoint: Optional[str] = None
 
     def setup(self) -> None:
         import deepspeed
@@ -367,7 +395,26 @@ class ZeRO3Engine(Engine):
             say("ZeRO-3: added " + ", ".join(f"{k}={v:g}" for k, v in added.items())
                 + " (set them in your DeepSpeed JSON to choose otherwise)")
 
+    def replicate_gib(self) -> float:
+        """``train.zero3_replicate_frozen_gib``, its default (2 GiB; 0 when parameters are offloaded: there they
+        would move from host memory into every GPU), or 0 for a checkpoint that kept them as ZeRO-3 parameters."""
+        if self.resume_layout == "parameters":
+            return 0.0
+        if self.cfg.train.zero3_replicate_frozen_gib is not None:
+            return self.cfg.train.zero3_replicate_frozen_gib
+        offload = self.ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+        return 0.0 if offload not in (None, "none") else 2.0
+
+    def marker_fields(self) -> dict:
+        return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}
+
     def prepare_resume(self, checkpoint: str) -> None:
+        self.resume_checkpoint = checkpoint
+        marker = Path(checkpoint) / "svd_scale_checkpoint.json"
+        layout = json.loads(marker.read_text()).get("zero3_frozen", "parameters") if marker.is_file() else "parameters"
+        if layout == "parameters":  # written before they became buffers, or with the budget at 0: load them as saved
+            self.resume_layout = layout
+            say(f"{checkpoint} keeps the adapters' U, V, sigma0 as ZeRO-3 parameters: this run does too")
         written = prepare_universal_resume(checkpoint, world()[1])
         if written:
             say(f"{checkpoint} was written by {written} ranks, this run has {world()[1]}: "
@@ -388,10 +435,15 @@ class ZeRO3Engine(Engine):
         tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))
         if adapt:
             return adapt(model), tok
-        access = ZeRO3Access(ds_config=ds) if stage3 else None
+        access = ZeRO3Access(ds_config=ds, replicate_frozen_gib=self.replicate_gib()) if stage3 else None
         model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
         if access is not None and access.replicated_bytes:
             self.notes["zero3_replicated_frozen_mib"] = round(access.replicated_bytes / 2**20, 1)
+            if self.resume_checkpoint:
+                from ..inject import adapter_layers
+
+                state = str(Path(self.resume_checkpoint) / "training_state.safetensors")
+                self.notes["zero3_resume_factors_checked"] = check_resumed_factors(list(adapter_layers(model)), state)
             say(f"ZeRO-3: the adapters' frozen U, V and sigma0 ({access.replicated_bytes / 2**20:.1f} MiB) are kept "
                 "whole on every rank, outside ZeRO-3 (fewer tensors to release and re-gather each step)")
         if stage3 and self.cfg.train.gradient_checkpointing:

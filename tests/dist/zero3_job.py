@@ -172,7 +172,10 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
 
     calls, encode = [0], svd_scale.data.encode
     svd_scale.data.encode = lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), encode(*a, **k))[1]
-    run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")))
+    # U, V, sigma0 kept as ZeRO-3 parameters here (the layout of checkpoints before they became buffers); the
+    # resumed run below does not set it and must follow the checkpoint
+    run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}",
+                           *(("train.zero3_replicate_frozen_gib=0",) if resume and not only_resume else ()))))
     first = calls[0]
     if resume:  # stop after step 5: drop the later checkpoint, then --resume
         if dist.get_rank() == 0:
