@@ -191,12 +191,15 @@ def mark_trainable(model: nn.Module) -> None:
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting sharded parameters at full size and a 4-bit
-    residual at its logical size (as PEFT and bitsandbytes report)."""
+    residual at its logical size (as PEFT and bitsandbytes report), and the adapters' frozen tensors
+    also where an engine keeps them as buffers (ZeRO-3), so every engine reports the same total."""
     trainable = total = 0
     for p in model.parameters():
         n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
+    params = {id(p) for p in model.parameters()}
+    total += sum(t.numel() for _, layer in adapter_layers(model) for t in layer.tensors().values() if id(t) not in params)
     return trainable, total
 
 

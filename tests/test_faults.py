@@ -442,6 +442,8 @@ def test_resuming_with_recomputed_frozen_factors_refuses_ones_that_differ_from_t
     model = svd_scale.apply(tiny_llama(), svd_scale.AdapterConfig(rank=4), access=Replicating())
     layers = list(svd_scale.adapter_layers(model))
     assert all({"U", "Vh", "sigma0"} <= dict(l.named_buffers()).keys() for _, l in layers)
+    plain = svd_scale.apply(tiny_llama(), svd_scale.AdapterConfig(rank=4))
+    assert svd_scale.parameter_counts(model) == svd_scale.parameter_counts(plain)  # the same total either way
     state = training_state_dict(model)
     save_file(state, str(tmp_path / "ok.safetensors"))
     assert check_resumed_factors(layers, str(tmp_path / "ok.safetensors")) == 3 * len(layers)
