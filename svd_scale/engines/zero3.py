@@ -98,11 +98,12 @@ class ZeRO3Access(WeightAccess):
     def adopt(self, model, layers) -> None:
         """Keep the adapters' frozen tensors (roles FACTOR and INIT: U, V, sigma0) whole on every rank, as
         non-persistent buffers that ZeRO-3 never sees, while they total at most ``replicate_frozen_gib``
-        (7B shape, r=64: 0.3 GiB; 70B: 1.7 GiB). DeepSpeed releases every parameter after each optimizer
-        step and re-gathers each persistent one with its own collective -- 672 of them for a 7B model's
-        U, V and sigma0, which never change (bench/results/zero3_options_H200x4.md). Done before the
-        init, which then writes and broadcasts them like any whole tensor; the adapter file still saves
-        them (``layer.tensors()`` reads buffers too). Over the budget they stay ZeRO-3 parameters."""
+        (7B shape, r=64: 0.3 GiB; 70B, r=64: 1.5 GiB; r=128: 3.1 GiB, over the default). DeepSpeed
+        releases every parameter after each optimizer step and re-gathers each persistent one with its
+        own collective -- 672 of them for a 7B model's U, V and sigma0, which never change
+        (bench/results/zero3_options_H200x4.md). Done before the init, which then writes and broadcasts
+        them like any whole tensor; the adapter file still saves them (``layer.tensors()`` reads buffers
+        too). Over the budget they stay ZeRO-3 parameters."""
         self.replicated_bytes = replicate_frozen(layers, self.replicate_frozen_gib)
 
     def wire_regularizer(self, model, regularizer) -> None:
