@@ -105,7 +105,11 @@ def _read_file(p: Path) -> list[dict]:
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train").to_list()
     except Exception as e:  # pyarrow/pandas parse errors: name the file, keep the library's reason
-        raise ValueError(f"{p}: could not be read as {kind} ({type(e).__name__}: {str(e)[:300]})") from None
+        inner = e  # datasets wraps the parser's error (which names the line) in a generic one
+        while (inner.__cause__ or inner.__context__) is not None:
+            inner = inner.__cause__ or inner.__context__
+        reason = str(inner).strip()[:300]
+        raise ValueError(f"{p}: could not be read as {kind} ({type(inner).__name__}: {reason})") from None
 
 
 def stream_source(spec: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None):

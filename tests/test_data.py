@@ -100,3 +100,13 @@ def test_tokenized_data_is_cached_by_content_and_settings_and_workers_agree(tmp_
     two = data.tokenized_dataset(rows, _Tok(), 16, num_proc=2)
     assert two["input_ids"] == first["input_ids"] and two["labels"] == first["labels"]
     assert first["input_ids"][3] == encode(rows[3], _Tok(), 16)["input_ids"]  # the cache holds what encode makes
+
+
+def test_a_broken_csv_is_refused_naming_its_line(tmp_path):
+    """datasets wraps pandas' parse error in a generic one; the message keeps the line it names."""
+    import pytest
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text('prompt,completion\n"a",b\n"c","d","e"\nf,g\n')
+    with pytest.raises(ValueError, match=r"bad\.csv: could not be read as csv \(ParserError: .*Expected 2 fields in line 3, saw 3"):
+        load_splits(str(bad))
