@@ -328,7 +328,8 @@ class RunConfig:
                                          "null: the main process alone"})
     data_cache: bool = field(default=True, metadata={"help": "keep the tokenized data as an Arrow file under "
                              "$SVD_SCALE_CACHE/tokenized (default ~/.cache/svd_scale), named by the rows' content, the "
-                             "tokenizer and max_length: the first rank of each node tokenizes, the others and later runs read it"})
+                             "tokenizer and max_length: rank 0 tokenizes, the other ranks (and nodes that share the file "
+                             "system) and later runs read it"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

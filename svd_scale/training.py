@@ -367,14 +367,19 @@ def run(cfg: RunConfig, resume=False, adapt: Optional[Callable] = None, keep: Op
 
 
 def tokenize_splits(cfg: RunConfig, args, splits) -> tuple:
-    """(train, eval) datasets, tokenized once per node: the node's first rank tokenizes into the cache
-    (``data_cache``) while the others wait, then they read its file (``TrainingArguments.main_process_first``)."""
+    """(train, eval) datasets, tokenized once: rank 0 tokenizes into the cache (``data_cache``) while the others
+    wait, then they read its file (``TrainingArguments.main_process_first``); a node that cannot see it (no
+    shared file system) has its own first rank tokenize for it."""
     tok = load_tokenizer(builtin.resolve_model_path(cfg.model))
     cache = builtin.cache_dir() / "tokenized" if cfg.data_cache else None
     held = splits.validation if cfg.train.eval_split == "validation" else splits.test
-    # with the cache, the node's first rank tokenizes while the others wait (up to train.timeout_minutes); without
-    # it every rank tokenizes for itself, at the same time
-    with args.main_process_first(desc="tokenizing the data") if cache else contextlib.nullcontext():
+    # with the cache, rank 0 tokenizes while the others wait (up to train.timeout_minutes), then each other node's
+    # first rank -- which finds rank 0's file on a shared file system, or tokenizes for its node -- then the rest;
+    # without the cache every rank tokenizes for itself, at the same time
+    with contextlib.ExitStack() as first:
+        if cache:
+            first.enter_context(args.main_process_first(local=False, desc="tokenizing the data"))
+            first.enter_context(args.main_process_first(local=True, desc="tokenizing the data"))
         train = tokenized_dataset(splits.train, tok, cfg.train.max_length, where=cfg.data, chat=cfg.chat_template,
                                   num_proc=cfg.data_num_proc, cache_dir=cache)
         held = tokenized_dataset(held, tok, cfg.train.max_length, where=cfg.eval_data or cfg.data, chat=cfg.chat_template,

@@ -400,3 +400,14 @@ def test_a_checkpoint_with_buffered_factors_resumes_with_them(two_nodes):
     # the recomputed U, Vh, sigma0 were compared with the checkpoint's (every layer, all three)
     adapter = json.loads((out / "train" / "adapter" / "svd_scale_adapter.json").read_text())
     assert resumed["zero3_resume_factors_checked"] == 3 * len(adapter["layers"])
+
+
+def test_a_second_node_reads_the_first_nodes_tokenized_cache(two_nodes):
+    """Two nodes on one file system: rank 0 (node 0) tokenizes; rank 1, the first rank of node 1, waits for it
+    and finds its file instead of tokenizing the same rows at the same time."""
+    out, _ = two_nodes
+    from svd_scale.data import load_splits
+
+    n = len(load_splits("builtin:rotten_tomatoes").train)
+    counts = [json.loads((out / f"tokenize_rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [{"first_run": n, "resumed_run": 0}, {"first_run": 0, "resumed_run": 0}]
