@@ -29,7 +29,7 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 1e6 keeps the adapter's factors, sigma, s and the norms whole, the 4-bit codes of every projection
 (>= 4.2 M bf16 values) partitioned), ``prefetch[:2e8]`` (``stage3_prefetch_bucket_size``), ``live[:2e9]``
 (``stage3_max_live_parameters``), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
-this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (1.75e9 bf16 values)
+this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (about 1.6e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
 instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
 ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.

@@ -112,55 +112,35 @@ def _read_file(p: Path) -> list[dict]:
         raise ValueError(f"{p}: could not be read as {kind} ({type(inner).__name__}: {reason})") from None
 
 
-def stream_source(spec: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None):
-    """``data_streaming``: the source as a ``datasets.IterableDataset`` -- rows are read as training consumes
-    them, never all at once (a file or folder through its builder, a Hub id, a saved dataset's shards)."""
+def read_source(spec: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None,
+                streaming: bool = False):
+    """The rows of a file, a saved dataset, a folder of files or a Hub dataset (module docstring); with
+    ``streaming`` (``data_streaming``) the source as a ``datasets.IterableDataset``, read as training consumes it."""
     import datasets
 
     p = Path(spec)
-    if spec.startswith(builtin.BUILTIN_PREFIX):
+    if streaming and spec.startswith(builtin.BUILTIN_PREFIX):
         raise ValueError(f"data_streaming: {spec!r} is built-in data (held in memory); streaming is for files, "
                          "folders and Hub datasets")
-    if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{spec}: no split {split!r}; it has {sorted(ds)} (set data_split)")
-            ds = ds[split]
-        return ds.to_iterable_dataset()
     if p.is_file():
+        if not streaming:
+            return _read_file(p)
         kind = FILE_BUILDERS.get(p.suffix.lower())
         if kind is None:
             raise ValueError(f"data file {str(p)!r}: expected one of {sorted(FILE_BUILDERS)}")
         return datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
-    if not p.exists() and (spec.startswith((".", "/", "~")) or p.suffix.lower() in FILE_BUILDERS):
-        raise FileNotFoundError(f"data {spec!r} does not exist")
-    try:
-        return datasets.load_dataset(spec, subset, split=split, revision=revision, streaming=True)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
-        raise kind(f"data {spec!r} (split {split!r}) could not be streamed: {type(e).__name__}: {str(e)[:400]}") from None
-
-
-def read_source(spec: str, split: str = "train", subset: Optional[str] = None,
-                revision: Optional[str] = None) -> list[dict]:
-    """The rows of a file, a saved dataset, a folder of files or a Hub dataset (module docstring)."""
-    import datasets
-
-    p = Path(spec)
-    if p.is_file():
-        return _read_file(p)
     if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"{spec}: no split {split!r}; it has {sorted(ds)} (set data_split)")
             ds = ds[split]
-        return ds.to_list()
+        return ds.to_iterable_dataset() if streaming else ds.to_list()
     if not p.exists() and (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_BUILDERS):
         raise FileNotFoundError(f"data {spec!r} does not exist")
     try:  # a folder of data files, or a Hub id (read from the local cache when offline)
-        return datasets.load_dataset(spec, subset, split=split, revision=revision).to_list()
+        ds = datasets.load_dataset(spec, subset, split=split, revision=revision, streaming=streaming)
+        return ds if streaming else ds.to_list()
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
         raise kind(f"data {spec!r} (split {split!r}{f', subset {subset!r}' if subset else ''}) could not be "
@@ -182,7 +162,7 @@ def load_splits(spec: str, eval_spec: Optional[str] = None, *, split: str = "tra
     if streaming:  # train rows as a stream; held-out data (if any) is small and read whole
         if eval_fraction:
             raise ValueError("data_streaming: eval_fraction would need the whole stream first; give eval_data instead")
-        stream = stream_source(spec, split, subset, revision)
+        stream = read_source(spec, split, subset, revision, streaming=True)
         check_records(spec, list(stream.take(STREAM_CHECK_ROWS)))
         held = read_source(eval_spec, eval_split, eval_subset, eval_revision) if eval_spec else []
         if eval_spec:
@@ -251,15 +231,14 @@ def tokenize_cache_key(records: list, tok, max_length: int, fmt: Optional[str], 
     import hashlib
     import json
 
+    import tokenizers
+    import transformers
     from datasets.fingerprint import Hasher
 
     h = hashlib.sha256()
     for r in records:
         h.update(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode())
         h.update(b"\n")
-    import tokenizers
-    import transformers
-
     versions = (transformers.__version__, tokenizers.__version__)  # an upgrade may split the same text otherwise
     return Hasher.hash([h.hexdigest(), Hasher.hash(tok), max_length, fmt, chat, ENCODE_VERSION, versions])
 
@@ -274,6 +253,8 @@ def tokenized_dataset(records: list, tok, max_length: int, where: str = "trainin
     the result is an Arrow file named by :func:`tokenize_cache_key` there, written by ``datasets``
     through a temporary file and a rename: a later run -- or another rank, when the main process
     tokenizes first (``training.run``) -- memory-maps it instead of tokenizing again."""
+    import uuid
+
     import datasets
 
     if isinstance(records, datasets.IterableDataset):
@@ -284,8 +265,6 @@ def tokenized_dataset(records: list, tok, max_length: int, where: str = "trainin
         enc = [encode(records[i], tok, max_length, fmt, chat) for i in batch["row"]]
         enc = [e for e in enc if any(l != -100 for l in e["labels"][1:])]
         return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
-
-    import uuid
 
     index = datasets.Dataset.from_dict({"row": list(range(len(records)))})
     path, key = None, uuid.uuid4().hex  # our own fingerprint: datasets would hash the closure (all rows) each time
