@@ -410,10 +410,8 @@ class ZeRO3Engine(Engine):
         return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}
 
     def prepare_resume(self, checkpoint: str) -> None:
-        from ..training import MARKER
-
         self.resume_checkpoint = checkpoint
-        marker = Path(checkpoint) / MARKER
+        marker = Path(checkpoint) / "svd_scale_checkpoint.json"  # training.MARKER (engines do not import training)
         layout = json.loads(marker.read_text()).get("zero3_frozen", "parameters") if marker.is_file() else "parameters"
         if layout == "parameters":  # written before they became buffers, or with the budget at 0: load them as saved
             self.resume_layout = layout
@@ -444,9 +442,8 @@ class ZeRO3Engine(Engine):
             self.notes["zero3_replicated_frozen_mib"] = round(access.replicated_bytes / 2**20, 1)
             if self.resume_checkpoint:
                 from ..inject import adapter_layers
-                from ..training import RESUME_STATE
 
-                state = str(Path(self.resume_checkpoint) / RESUME_STATE)
+                state = str(Path(self.resume_checkpoint) / "training_state.safetensors")  # training.RESUME_STATE
                 self.notes["zero3_resume_factors_checked"] = check_resumed_factors(list(adapter_layers(model)), state)
             say(f"ZeRO-3: the adapters' frozen U, V and sigma0 ({access.replicated_bytes / 2**20:.1f} MiB) are kept "
                 "whole on every rank, outside ZeRO-3 (fewer tensors to release and re-gather each step)")
