@@ -32,7 +32,9 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (about 1.6e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
 instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
-ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``), ``compile`` (``torch.compile``
+each decoder layer's ``forward`` after ``deepspeed.initialize``: DeepSpeed's fetch/release hooks, which
+run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
 after the timed ones (tables to ``--profile-dir``).
 
@@ -89,7 +91,7 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
 
 
 SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
-                    "mpersist": 4e9, "mel": 0, "norepl": None}
+                    "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
                 "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
                 "mpersist": "stage3_model_persistence_threshold", "mel": "memory_efficient_linear"}
@@ -291,6 +293,11 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     if "leaf" in parse_setting(setting):
         deepspeed.utils.set_z3_leaf_modules(model, decoder_layer_classes(model))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    if "compile" in parse_setting(setting):
+        classes = tuple(decoder_layer_classes(model))
+        for layer in model.modules():
+            if isinstance(layer, classes):
+                layer.forward = torch.compile(layer.forward)
     dist.barrier()
     four_bit = sum(1 for m in model.modules()  # bitsandbytes' own layers (PEFT's wrappers around them not counted)
                    if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
