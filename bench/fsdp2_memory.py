@@ -43,7 +43,7 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
 
     import svd_scale
     from svd_scale.engines import fsdp2 as fsdp
-    from svd_scale.training import compile_blocks
+    from svd_scale.engines.base import compile_blocks
 
     if cuda:
         torch.cuda.empty_cache()

@@ -34,7 +34,8 @@ stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps tor
 instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
 ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``), ``compile`` (``torch.compile``
 each decoder layer's ``forward`` after ``deepspeed.initialize``: DeepSpeed's fetch/release hooks, which
-run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked; add ``mel`` with it, as train.compile does: DeepSpeed's ``F.linear`` wrapper makes dynamo guard on each
+weight's ``ds_id``, so PEFT's LoRA layers recompiled per decoder layer and fell back to eager after 8); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
 after the timed ones (tables to ``--profile-dir``).
 

@@ -283,6 +283,24 @@ class EvalCallback(TrainerCallback):
             self._score(model, "accuracy_after", "held-out accuracy after training:         ")
 
 
+class StepTimer(TrainerCallback):
+    """Wall seconds of each optimizer step (the loss read at each logging step waits for the GPU), so
+    metrics.json tells how fast a run trained; the median leaves out the first two steps, which
+    include ``torch.compile`` and the first allocations."""
+
+    def __init__(self, metrics: dict):
+        self.metrics, self.times, self.t = metrics, [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.t is not None:
+            self.times.append(time.perf_counter() - self.t)
+            timed = self.times[2:] or self.times
+            self.metrics["median_step_seconds"] = round(sorted(timed)[len(timed) // 2], 4)
+
+
 def _held_out(cfg: RunConfig, splits) -> list:
     held_out = splits.validation if cfg.train.eval_split == "validation" else splits.test
     if cfg.train.eval_split == "validation" and not held_out and cfg.train.eval_examples:
@@ -398,11 +416,14 @@ def _train(cfg: RunConfig, engine, args, splits, tokenized, checkpoint, resume, 
     _report_adapter(metrics, model, cfg, adapt is not None)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
-    if cfg.train.compile:
-        compile_blocks(model)
+    if engine.compiles():
+        metrics["compiled_blocks"] = engine.compile_blocks(model)
+        say(f"train.compile={cfg.train.compile}: {metrics['compiled_blocks']} decoder layers under torch.compile "
+            "(the first steps compile them; train.compile=false runs eager)")
     evaluation = EvalCallback(tok, test, metrics, resume, cfg.train.eval_before, engine, cfg.chat_template)
     trainer = SVDTrainer(model=model, args=args, train_dataset=tokenized[0], eval_dataset=tokenized[1],
-                         data_collator=collator(cfg, model, tok, metrics), callbacks=[evaluation], engine=engine,
+                         data_collator=collator(cfg, model, tok, metrics), callbacks=[evaluation, StepTimer(metrics)],
+                         engine=engine,
                          run=run_fingerprint(cfg, engine.name), nan_policy=cfg.train.nan_policy,
                          nan_skip_limit=cfg.train.nan_skip_limit)
     evaluation.trainer = trainer
@@ -452,17 +473,6 @@ def collator(cfg: RunConfig, model: nn.Module, tok, metrics: dict):
         return Collator(tok.pad_token_id)
     model.config.use_cache = False
     return DataCollatorWithFlattening(return_position_ids=True)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each decoder layer (regional compilation, as torchtune and torchtitan do):
-    one compiled graph serves every layer, so compile time does not grow with depth. On the GPU the
-    adapter's small ops are launch-bound in eager mode and compiling fuses them
-    (bench/results/train_throughput_H100.md)."""
-    from .inject import decoder_layers
-
-    for block in decoder_layers(model):
-        block.compile()
 
 
 def _dtypes(model: nn.Module, optimizer) -> dict:

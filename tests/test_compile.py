@@ -27,8 +27,27 @@ def test_compiled_blocks_train_like_eager_and_export_the_same_adapter(tmp_path):
         torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6)
 
 
-def test_compile_is_refused_where_it_is_not_tested():
+def test_compile_auto_follows_the_device_and_zero3_refuses_it_without_checkpointing(monkeypatch):
+    """``auto`` compiles on a CUDA GPU only; ZeRO-3 compiles only with gradient checkpointing (leaf
+    layers): ``true`` without it is refused before anything loads, ``auto`` runs eager."""
     import pytest
 
-    with pytest.raises(ValueError, match="supported with engine single or fsdp2, not deepspeed"):
-        load_config(None, ("train.compile=true", "train.deepspeed=configs/deepspeed/zero3.json"))
+    from svd_scale.engines.zero3 import ZeRO3Engine
+
+    assert load_config(None, ("train.compile=false",)).train.compiles() is False
+    assert load_config(None, ("train.compile=true",)).train.compiles() is True
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert load_config(None, ()).train.compiles() is cuda
+    with pytest.raises(ValueError, match="train.compile must be one of"):
+        load_config(None, ("train.compile=sometimes",))
+    zero3 = ("train.deepspeed=configs/deepspeed/zero3.json",)
+    with pytest.raises(ValueError, match="needs train.gradient_checkpointing=true"):
+        ZeRO3Engine(load_config(None, (*zero3, "train.compile=true"))).setup()
+    monkeypatch.setattr("deepspeed.init_distributed", lambda **k: None)
+    eager = ZeRO3Engine(load_config(None, zero3))  # auto, with the GPU faked above: eager without checkpointing
+    eager.setup()
+    assert not eager.compiles() and "eager" in eager.notes["compile"]
+    compiled = ZeRO3Engine(load_config(None, (*zero3, "train.gradient_checkpointing=true")))
+    compiled.setup()
+    assert compiled.compiles() and compiled.ds["zero_optimization"]["memory_efficient_linear"] is False

@@ -70,13 +70,13 @@ def test_nf4_model_on_cuda_equals_base_and_trains():
 
 
 def test_compiled_blocks_train_like_eager_on_cuda_in_bf16():
-    """train.compile's path (training.compile_blocks) on the GPU, where it is meant to run: a bf16 model
+    """train.compile's path (engines.base.compile_blocks) on the GPU, where it is meant to run: a bf16 model
     over an NF4 residual, gradient checkpointing, AdamW; the compiled run follows the eager one."""
     pytest.importorskip("bitsandbytes")
     import copy
 
     import svd_scale
-    from svd_scale.training import compile_blocks
+    from svd_scale.engines.base import compile_blocks
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

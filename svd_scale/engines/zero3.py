@@ -382,18 +382,34 @@ class ZeRO3Engine(Engine):
     trainer_bf16 = False  # torch_autocast in the DeepSpeed config
     resume_layout: Optional[str] = None  # how the checkpoint being resumed kept U, V, sigma0 (prepare_resume)
     resume_checkpoint: Optional[str] = None
+    stage3: bool = False  # ZeRO stage 3 in the run's DeepSpeed config (setup)
 
     def setup(self) -> None:
         import deepspeed
 
         self.ds = run_config(self.cfg.train.deepspeed, self.cfg.train.precision)
         added = add_speed_defaults(self.ds)
+        zero = self.ds.get("zero_optimization", {})
+        self.stage3 = zero.get("stage") == 3
+        if self.stage3 and self.cfg.train.compiles():
+            if not self.cfg.train.gradient_checkpointing:
+                if self.cfg.train.compile == "true":
+                    raise ValueError("train.compile=true under ZeRO-3 needs train.gradient_checkpointing=true: then every "
+                                     "decoder layer is a ZeRO-3 leaf module and nothing inside a compiled layer is hooked "
+                                     "by DeepSpeed; set train.compile=false to run eager without checkpointing")
+                self.notes["compile"] = "eager (ZeRO-3 compiles only with gradient checkpointing)"
+                say("train.compile=auto: eager under ZeRO-3 without gradient checkpointing (set "
+                    "train.gradient_checkpointing=true to compile the decoder layers)")
+            elif "memory_efficient_linear" not in zero:
+                # DeepSpeed's Python F.linear replacement guards compiled code on each weight's ds_id: one
+                # recompilation per layer (measured with PEFT's LoRA, 7B: the limit of 8 hit, the rest eager)
+                zero["memory_efficient_linear"] = added["memory_efficient_linear"] = False
         from datetime import timedelta
 
         # deepspeed.comm must be up before zero.Init reads the world size
         deepspeed.init_distributed(timeout=timedelta(minutes=self.cfg.train.timeout_minutes))
         if added:
-            say("ZeRO-3: added " + ", ".join(f"{k}={v:g}" for k, v in added.items())
+            say("ZeRO-3: added " + ", ".join(f"{k}={v}" for k, v in added.items())
                 + " (set them in your DeepSpeed JSON to choose otherwise)")
 
     def replicate_gib(self) -> float:
@@ -405,6 +421,26 @@ class ZeRO3Engine(Engine):
             return self.cfg.train.zero3_replicate_frozen_gib
         offload = self.ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
         return 0.0 if offload not in (None, "none") else 2.0
+
+    def compiles(self) -> bool:
+        return super().compiles() and not (self.stage3 and not self.cfg.train.gradient_checkpointing)
+
+    def compile_blocks(self, model) -> int:
+        """Under ZeRO-3, each decoder layer's ``forward`` is compiled, not ``Module.__call__``: DeepSpeed's
+        fetch and release hooks run around ``forward`` and stay eager (they are Python bookkeeping that
+        dynamo cannot trace), and with the layers as leaf modules (:func:`set_leaf_modules`) nothing inside
+        a layer is hooked. Measured on 4 H200s, 7B, N=4: 1.33x the eager tokens/s per GPU
+        (bench/results/zero3_compile_H200x4.md)."""
+        if not self.stage3:
+            return super().compile_blocks(model)
+        import torch
+
+        from ..inject import decoder_layers
+
+        blocks = decoder_layers(model)
+        for block in blocks:
+            block.forward = torch.compile(block.forward)
+        return len(blocks)
 
     def marker_fields(self) -> dict:
         return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}

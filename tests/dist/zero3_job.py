@@ -197,6 +197,21 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
     # gradient checkpointing: the engine makes every decoder layer a ZeRO-3 leaf module
     run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true",
                            f"train.output_dir={out / 'checkpointed'}")))
+    if bf16:  # (world 2 only) the same run with each decoder layer's forward compiled, DeepSpeed's hooks eager
+        import torch._dynamo
+
+        kept, graphs = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # no recompilation at all: a guard on anything per layer (DeepSpeed's ds_id on a weight) would raise here
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
+                                   f"train.output_dir={out / 'compiled'}")), keep=kept)
+        from svd_scale.inject import decoder_layers
+
+        layers = decoder_layers(kept["model"])
+        (out / f"compiled_rank{dist.get_rank()}.json").write_text(json.dumps({
+            "layers": len(layers), "forward_compiled": [hasattr(b.forward, "_torchdynamo_orig_callable") for b in layers],
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}))
+        del kept
     if bf16:  # (world 2 only) a chat file: template, assistant-only labels, eval loss through the Trainer
         import chat_data
 
