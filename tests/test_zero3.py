@@ -128,6 +128,20 @@ def test_a_users_own_deepspeed_script_gets_single_process_factors_and_steps(job,
         torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_a_users_own_script_with_the_speedups_trains_the_same_steps(world2):
+    """The plugin user's script with ``add_speed_defaults(ds, compile=True)`` and ``speed_up_layers``
+    (leaf decoder layers, compiled forwards, gradient checkpointing) takes the same steps as the plain
+    script (rel 1e-4; fp32, only the compiled kernels differ)."""
+    world, out = world2
+    for r in range(world):
+        plain = json.loads((out / f"user_rank{r}.json").read_text())
+        fast = json.loads((out / f"user_fast_rank{r}.json").read_text())
+        assert fast["added"]["memory_efficient_linear"] is False and "stage3_param_persistence_threshold" in fast["added"]
+        assert fast["done"] == {"leaf_modules": "LlamaDecoderLayer", "compiled_layers": 2} and all(fast["compiled"])
+        assert plain["losses"][0] != plain["losses"][-1]
+        assert fast["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+
+
 def test_outputs_equal_the_base_model_after_sharded_init(job):
     world, out = job
     for f in _facts(out, world):
@@ -205,6 +219,9 @@ def test_compiled_layers_train_under_zero3_like_eager(world2):
     facts = _facts_named(out, "compiled", world)
     assert all(f["forward_compiled"] == [True] * f["layers"] for f in facts)  # really compiled, on every rank
     assert all(f["graphs"] > 0 for f in facts)
+    # recompiled only for new sequence lengths, never for something that differs per layer (a weight's ds_id)
+    reasons = [r for f in facts for r in f["recompile_reasons"]]
+    assert all("size mismatch" in r and "ds_" not in r for r in reasons), reasons
     eager, comp = (json.loads((out / d / "metrics.json").read_text()) for d in ("checkpointed", "compiled"))
     assert comp["compiled_blocks"] == facts[0]["layers"] and "compiled_blocks" not in eager
     assert comp["median_step_seconds"] > 0 and eager["median_step_seconds"] > 0  # metrics say how fast it trained

@@ -332,15 +332,65 @@ SPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 200_000_000, "stage3_max_live_p
                   "stage3_param_persistence_threshold": 1_000_000}
 
 
-def add_speed_defaults(ds: dict) -> dict:
+def add_speed_defaults(ds: dict, compile: bool = False) -> dict:
     """Fill in :data:`SPEED_DEFAULTS` where a stage-3 config leaves them unset (a value the user
-    wrote, ``"auto"`` included, is kept); returns what was added."""
+    wrote, ``"auto"`` included, is kept); returns what was added. With ``compile`` (decoder layers to
+    be compiled, :func:`speed_up_layers`) also ``memory_efficient_linear: false``: DeepSpeed's Python
+    ``F.linear`` wrapper makes dynamo guard on each weight's ``ds_id``, so every layer recompiled
+    (measured with PEFT's LoRA on 4 H200s: the limit of 8 hit, the other layers eager). Call it before
+    the model is built: ``zero.Init`` installs that wrapper."""
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") != 3:
         return {}
     added = {k: v for k, v in SPEED_DEFAULTS.items() if k not in zero}
+    if compile and "memory_efficient_linear" not in zero:
+        added["memory_efficient_linear"] = False
     zero.update(added)
     return added
+
+
+def speed_up_layers(model, compile: bool = True) -> dict:
+    """The ZeRO-3 engine's per-layer speed-ups, for a plugin user's own DeepSpeed script too (after
+    ``svd_scale.apply``, before ``deepspeed.initialize``; the DeepSpeed config through
+    :func:`add_speed_defaults` first). Each decoder layer becomes a leaf module (:func:`set_leaf_modules`)
+    and, with ``compile``, its ``forward`` is compiled (:func:`compile_forwards`). Needs gradient
+    checkpointing on the model (see :func:`set_leaf_modules`); refused without it."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError("speed_up_layers needs gradient checkpointing on the model (model.gradient_checkpointing_enable()): "
+                         "without it DeepSpeed's leaf modules hand backward released parameters")
+    done = {"leaf_modules": set_leaf_modules(model)}
+    if compile:
+        done["compiled_layers"] = compile_forwards(model)
+    return done
+
+
+def compile_forwards(model) -> int:
+    """Under ZeRO-3, each decoder layer's ``forward`` is compiled, not ``Module.__call__``: DeepSpeed's
+    fetch and release hooks run around ``forward`` and stay eager (Python bookkeeping that dynamo does
+    not trace), and with the layers as leaf modules (:func:`set_leaf_modules`) nothing inside a layer is
+    hooked. One compiled graph serves every layer. Measured on 4 H200s, 7B, N=4: 1.33-1.53x the eager
+    tokens/s per GPU (bench/results/zero3_compile_H200x4.md). Returns how many layers."""
+    import torch
+
+    from ..inject import decoder_layers
+
+    _restore_torch_linear()
+    blocks = decoder_layers(model)
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return len(blocks)
+
+
+def _restore_torch_linear() -> None:
+    """Put torch's own ``F.linear`` back where an earlier ``zero.Init`` in this process (one run with
+    ``memory_efficient_linear`` on) replaced it: DeepSpeed never resets it, and compiled layers would
+    recompile per layer through it (:func:`add_speed_defaults`)."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patched
+
+    original = getattr(Patched, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
 
 
 def set_leaf_modules(model) -> str:
@@ -388,22 +438,16 @@ class ZeRO3Engine(Engine):
         import deepspeed
 
         self.ds = run_config(self.cfg.train.deepspeed, self.cfg.train.precision)
-        added = add_speed_defaults(self.ds)
-        zero = self.ds.get("zero_optimization", {})
-        self.stage3 = zero.get("stage") == 3
-        if self.stage3 and self.cfg.train.compiles():
-            if not self.cfg.train.gradient_checkpointing:
-                if self.cfg.train.compile == "true":
-                    raise ValueError("train.compile=true under ZeRO-3 needs train.gradient_checkpointing=true: then every "
-                                     "decoder layer is a ZeRO-3 leaf module and nothing inside a compiled layer is hooked "
-                                     "by DeepSpeed; set train.compile=false to run eager without checkpointing")
-                self.notes["compile"] = "eager (ZeRO-3 compiles only with gradient checkpointing)"
-                say("train.compile=auto: eager under ZeRO-3 without gradient checkpointing (set "
-                    "train.gradient_checkpointing=true to compile the decoder layers)")
-            elif "memory_efficient_linear" not in zero:
-                # DeepSpeed's Python F.linear replacement guards compiled code on each weight's ds_id: one
-                # recompilation per layer (measured with PEFT's LoRA, 7B: the limit of 8 hit, the rest eager)
-                zero["memory_efficient_linear"] = added["memory_efficient_linear"] = False
+        self.stage3 = self.ds.get("zero_optimization", {}).get("stage") == 3
+        if self.stage3 and self.cfg.train.compiles() and not self.cfg.train.gradient_checkpointing:
+            if self.cfg.train.compile == "true":
+                raise ValueError("train.compile=true under ZeRO-3 needs train.gradient_checkpointing=true: then every "
+                                 "decoder layer is a ZeRO-3 leaf module and nothing inside a compiled layer is hooked "
+                                 "by DeepSpeed; set train.compile=false to run eager without checkpointing")
+            self.notes["compile"] = "eager (ZeRO-3 compiles only with gradient checkpointing)"
+            say("train.compile=auto: eager under ZeRO-3 without gradient checkpointing (set "
+                "train.gradient_checkpointing=true to compile the decoder layers)")
+        added = add_speed_defaults(self.ds, compile=self.compiles())
         from datetime import timedelta
 
         # deepspeed.comm must be up before zero.Init reads the world size
@@ -426,21 +470,8 @@ class ZeRO3Engine(Engine):
         return super().compiles() and not (self.stage3 and not self.cfg.train.gradient_checkpointing)
 
     def compile_blocks(self, model) -> int:
-        """Under ZeRO-3, each decoder layer's ``forward`` is compiled, not ``Module.__call__``: DeepSpeed's
-        fetch and release hooks run around ``forward`` and stay eager (they are Python bookkeeping that
-        dynamo cannot trace), and with the layers as leaf modules (:func:`set_leaf_modules`) nothing inside
-        a layer is hooked. Measured on 4 H200s, 7B, N=4: 1.33x the eager tokens/s per GPU
-        (bench/results/zero3_compile_H200x4.md)."""
-        if not self.stage3:
-            return super().compile_blocks(model)
-        import torch
-
-        from ..inject import decoder_layers
-
-        blocks = decoder_layers(model)
-        for block in blocks:
-            block.forward = torch.compile(block.forward)
-        return len(blocks)
+        """Under ZeRO-3 each layer's ``forward`` only (:func:`compile_forwards`): DeepSpeed's hooks stay eager."""
+        return compile_forwards(model) if self.stage3 else super().compile_blocks(model)
 
     def marker_fields(self) -> dict:
         return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}

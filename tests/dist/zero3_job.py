@@ -159,6 +159,42 @@ def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
     save_file({"init." + k: v for k, v in init.items()}, str(out / f"user_init_rank{rank}.safetensors"))
     (out / f"user_rank{rank}.json").write_text(json.dumps({"partitioned_before_apply": partitioned, "losses": losses}))
     engine.destroy()
+    if world == 2:
+        user_script_with_speedups(model_dir, out, rank)
+
+
+def user_script_with_speedups(model_dir: str, out: Path, rank: int) -> None:
+    """The same script with the engine's ZeRO-3 speed-ups, as the README shows a plugin user: the
+    measured DeepSpeed settings merged into their config before loading, gradient checkpointing,
+    then ``speed_up_layers`` (decoder layers as leaf modules, each layer's forward compiled)."""
+    import copy
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from svd_scale.engines.zero3 import add_speed_defaults, speed_up_layers
+
+    ds = copy.deepcopy(DS)
+    ds["zero_optimization"].pop("stage3_param_persistence_threshold")  # the user left it unset: the default is added
+    added = add_speed_defaults(ds, compile=True)
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
+    done = speed_up_layers(model, compile=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    x = METHOD_BATCH[rank:rank + 1]
+    losses = []
+    for _ in range(USER_STEPS):
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    compiled = [hasattr(b.forward, "_torchdynamo_orig_callable") for b in svd_scale.inject.decoder_layers(model)]
+    (out / f"user_fast_rank{rank}.json").write_text(json.dumps({"losses": losses, "added": added, "done": done,
+                                                                "compiled": compiled}))
+    engine.destroy()
 
 
 def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resume_from: str = None,
@@ -200,17 +236,24 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
     if bf16:  # (world 2 only) the same run with each decoder layer's forward compiled, DeepSpeed's hooks eager
         import torch._dynamo
 
-        kept, graphs = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        # no recompilation at all: a guard on anything per layer (DeepSpeed's ds_id on a weight) would raise here
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
-                                   f"train.output_dir={out / 'compiled'}")), keep=kept)
+        import logging
+
+        kept, graphs, reasons = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"], []
+        # why dynamo recompiled (a new sequence length is expected; a guard per layer, e.g. on DeepSpeed's ds_id, is not)
+        torch._logging.set_logs(recompiles=True)
+        catch = logging.Handler()
+        catch.emit = lambda record: reasons.append(record.getMessage())
+        logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(catch)
+        run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
+                               f"train.output_dir={out / 'compiled'}")), keep=kept)
+        logging.getLogger("torch._dynamo.guards.__recompiles").removeHandler(catch)
+        torch._logging.set_logs()
         from svd_scale.inject import decoder_layers
 
         layers = decoder_layers(kept["model"])
         (out / f"compiled_rank{dist.get_rank()}.json").write_text(json.dumps({
             "layers": len(layers), "forward_compiled": [hasattr(b.forward, "_torchdynamo_orig_callable") for b in layers],
-            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}))
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs, "recompile_reasons": reasons}))
         del kept
     if bf16:  # (world 2 only) a chat file: template, assistant-only labels, eval loss through the Trainer
         import chat_data
