@@ -120,7 +120,8 @@ class Bench:
         over = [f"data={TASKS[task]}", f"train.output_dir={d}", f"train.max_steps={self.a.steps}",
                 f"train.batch_size={self.a.batch}", f"train.max_length={self.a.max_length}", f"train.lr={lr}",
                 f"train.seed={seed}", "train.logging_steps=2", f"train.eval_examples={self.a.val}",
-                "train.eval_split=validation", "train.eval_before=false", "train.overwrite=true"]
+                "train.eval_split=validation", "train.eval_before=false", "train.overwrite=true",
+                "train.compile=false"]  # the recorded tables were measured eager, before train.compile defaulted to auto
         over += [f"adapter.{k}={v}" for k, v in keys.items()]
         print(f"=== {task} {row} r={rank or keys.get('rank', 16)} lr={lr:g} seed={seed}", flush=True)
         kept = {}

@@ -224,9 +224,10 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 (base in bf16; sigma/s and other trainables stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     compile: str = field(default="auto", metadata={"help": "torch.compile every decoder layer: true, false, or auto (on with a "
-                         "CUDA GPU, eager on CPU). Measured: 1.65x the eager tokens/s on one H100; 1.33x under ZeRO-3 on 4 H200s "
-                         "(bench/results/train_throughput_H100.md, zero3_compile_H200x4.md); under ZeRO-3 it needs "
-                         "gradient_checkpointing (auto stays eager without it)"})
+                         "CUDA GPU, eager on CPU). Measured: 1.65x the eager tokens/s on one H100; 1.53x through launch/train.py under "
+                         "ZeRO-3 on 4 H200s, 1.33-1.51x in the bench (bench/results/train_throughput_H100.md, "
+                         "zero3_compile_H200x4.md); under DeepSpeed it needs ZeRO-3 and gradient_checkpointing (auto stays "
+                         "eager without them)"})
     engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed, fsdp2 (under torchrun)"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3), e.g. configs/deepspeed/zero3.json"})
     zero3_replicate_frozen_gib: Optional[float] = field(default=None, metadata={"help": "ZeRO-3: keep the adapters' frozen "
@@ -296,8 +297,9 @@ class TrainConfig:
             raise ValueError(f"train.deepspeed: no such file {self.deepspeed!r}")
 
     def compiles(self) -> bool:
-        """``compile`` resolved: ``auto`` compiles where a CUDA GPU runs the layers (on CPU, inductor's
-        compile time outweighs what it saves on the small models that train there)."""
+        """``compile`` resolved: ``auto`` compiles where a CUDA GPU runs the layers; on CPU it stays eager
+        (a choice, not a measurement: the compiled speed-ups were measured on GPUs, and CPU runs here are
+        short jobs on small models where compile time is a large share)."""
         import torch
 
         return self.compile == "true" or (self.compile == "auto" and torch.cuda.is_available())

@@ -284,9 +284,9 @@ class EvalCallback(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Wall seconds of each optimizer step (the loss read at each logging step waits for the GPU), so
-    metrics.json tells how fast a run trained; the median leaves out the first two steps, which
-    include ``torch.compile`` and the first allocations."""
+    """Wall seconds of each optimizer step, so metrics.json tells how fast a run trained (each step ends
+    in a GPU sync: ``SVDTrainer.training_step`` reads whether the loss is finite); the median leaves out
+    the first two steps, which include ``torch.compile`` and the first allocations."""
 
     def __init__(self, metrics: dict):
         self.metrics, self.times, self.t = metrics, [], None

@@ -1,4 +1,6 @@
 """train.compile: every decoder layer under torch.compile trains exactly like eager (CPU inductor)."""
+import json
+
 import torch
 from conftest import save_tiny_llama_with_real_tokenizer
 
@@ -27,9 +29,10 @@ def test_compiled_blocks_train_like_eager_and_export_the_same_adapter(tmp_path):
         torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6)
 
 
-def test_compile_auto_follows_the_device_and_zero3_refuses_it_without_checkpointing(monkeypatch):
-    """``auto`` compiles on a CUDA GPU only; ZeRO-3 compiles only with gradient checkpointing (leaf
-    layers): ``true`` without it is refused before anything loads, ``auto`` runs eager."""
+def test_compile_auto_follows_the_device_and_zero3_refuses_it_without_checkpointing(monkeypatch, tmp_path):
+    """``auto`` compiles on a CUDA GPU only; under DeepSpeed only ZeRO-3 with gradient checkpointing (leaf
+    layers) and without ``memory_efficient_linear: true`` compiles: ``true`` otherwise is refused before
+    anything loads, ``auto`` runs eager and says why."""
     import pytest
 
     from svd_scale.engines.zero3 import ZeRO3Engine
@@ -41,13 +44,28 @@ def test_compile_auto_follows_the_device_and_zero3_refuses_it_without_checkpoint
         assert load_config(None, ()).train.compiles() is cuda
     with pytest.raises(ValueError, match="train.compile must be one of"):
         load_config(None, ("train.compile=sometimes",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto resolves to "compile" below
+    monkeypatch.setattr("deepspeed.init_distributed", lambda **k: None)
     zero3 = ("train.deepspeed=configs/deepspeed/zero3.json",)
     with pytest.raises(ValueError, match="needs train.gradient_checkpointing=true"):
         ZeRO3Engine(load_config(None, (*zero3, "train.compile=true"))).setup()
-    monkeypatch.setattr("deepspeed.init_distributed", lambda **k: None)
-    eager = ZeRO3Engine(load_config(None, zero3))  # auto, with the GPU faked above: eager without checkpointing
+    eager = ZeRO3Engine(load_config(None, zero3))  # auto without checkpointing: eager, and it says why
     eager.setup()
-    assert not eager.compiles() and "eager" in eager.notes["compile"]
+    assert not eager.compile_wanted and "gradient_checkpointing" in eager.notes["compile"]
+    assert "memory_efficient_linear" not in eager.ds["zero_optimization"]
     compiled = ZeRO3Engine(load_config(None, (*zero3, "train.gradient_checkpointing=true")))
     compiled.setup()
-    assert compiled.compiles() and compiled.ds["zero_optimization"]["memory_efficient_linear"] is False
+    assert compiled.compile_wanted and compiled.ds["zero_optimization"]["memory_efficient_linear"] is False
+    assert not compiled.compiles()  # only once load() made the layers leaf modules (not for a custom adapt)
+    compiled.notes["zero3_leaf_modules"] = "LlamaDecoderLayer"
+    assert compiled.compiles()
+    # a user's own JSON: ZeRO stage 2, or memory_efficient_linear: true, cannot compile this way
+    for zero, why in (({"stage": 2}, "ZeRO stage 3"), ({"stage": 3, "memory_efficient_linear": True}, "memory_efficient_linear")):
+        path = tmp_path / f"ds_{len(why)}.json"
+        path.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": 1}))
+        own = (f"train.deepspeed={path}", "train.gradient_checkpointing=true")
+        with pytest.raises(ValueError, match=why):
+            ZeRO3Engine(load_config(None, (*own, "train.compile=true"))).setup()
+        quiet = ZeRO3Engine(load_config(None, own))
+        quiet.setup()
+        assert not quiet.compile_wanted and why in quiet.notes["compile"]

@@ -131,13 +131,16 @@ def test_a_users_own_deepspeed_script_gets_single_process_factors_and_steps(job,
 def test_a_users_own_script_with_the_speedups_trains_the_same_steps(world2):
     """The plugin user's script with ``add_speed_defaults(ds, compile=True)`` and ``speed_up_layers``
     (leaf decoder layers, compiled forwards, gradient checkpointing) takes the same steps as the plain
-    script (rel 1e-4; fp32, only the compiled kernels differ)."""
+    script (rel 1e-4; fp32, only the compiled kernels differ), without recompiling."""
     world, out = world2
     for r in range(world):
         plain = json.loads((out / f"user_rank{r}.json").read_text())
         fast = json.loads((out / f"user_fast_rank{r}.json").read_text())
         assert fast["added"]["memory_efficient_linear"] is False and "stage3_param_persistence_threshold" in fast["added"]
         assert fast["done"] == {"leaf_modules": "LlamaDecoderLayer", "compiled_layers": 2} and all(fast["compiled"])
+        # torch's own F.linear (the plain script's zero.Init left DeepSpeed's in this process); one batch shape:
+        # the first step compiles, later steps and the second layer reuse it
+        assert fast["torch_linear"] and fast["graphs"] > 0 and fast["recompile_reasons"] == []
         assert plain["losses"][0] != plain["losses"][-1]
         assert fast["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
@@ -213,15 +216,16 @@ def test_decoder_layer_leaf_modules_with_checkpointing_train_like_one_process(jo
 def test_compiled_layers_train_under_zero3_like_eager(world2):
     """train.compile under ZeRO-3: each decoder layer's forward compiled, DeepSpeed's fetch/release hooks
     eager; the losses and adapter equal the eager run with the same checkpointing, and the compiled
-    code serves every layer without recompiling (the job runs it with dynamo's error_on_recompile: a
-    per-layer guard, e.g. on DeepSpeed's ds_id, would stop it)."""
+    code serves every layer: dynamo recompiles only for new batch shapes (its logged reasons), never
+    per layer (a guard on DeepSpeed's ds_id, which its F.linear wrapper causes, would show there)."""
     world, out = world2
     facts = _facts_named(out, "compiled", world)
     assert all(f["forward_compiled"] == [True] * f["layers"] for f in facts)  # really compiled, on every rank
-    assert all(f["graphs"] > 0 for f in facts)
-    # recompiled only for new sequence lengths, never for something that differs per layer (a weight's ds_id)
-    reasons = [r for f in facts for r in f["recompile_reasons"]]
-    assert all("size mismatch" in r and "ds_" not in r for r in reasons), reasons
+    for f in facts:
+        # every graph after the first one of this code was a logged recompilation (so the log was caught) ...
+        assert f["graphs"] > 0 and len(f["recompile_reasons"]) >= f["graphs"] - 1, f
+        # ... for a new batch shape only, never for something that differs per layer (a weight's ds_id)
+        assert all("size mismatch" in r and "ds_" not in r for r in f["recompile_reasons"]), f["recompile_reasons"]
     eager, comp = (json.loads((out / d / "metrics.json").read_text()) for d in ("checkpointed", "compiled"))
     assert comp["compiled_blocks"] == facts[0]["layers"] and "compiled_blocks" not in eager
     assert comp["median_step_seconds"] > 0 and eager["median_step_seconds"] > 0  # metrics say how fast it trained

@@ -433,27 +433,22 @@ class ZeRO3Engine(Engine):
     resume_layout: Optional[str] = None  # how the checkpoint being resumed kept U, V, sigma0 (prepare_resume)
     resume_checkpoint: Optional[str] = None
     stage3: bool = False  # ZeRO stage 3 in the run's DeepSpeed config (setup)
+    compile_wanted: bool = False  # train.compile resolved and allowed here (setup)
 
     def setup(self) -> None:
         import deepspeed
 
         self.ds = run_config(self.cfg.train.deepspeed, self.cfg.train.precision)
-        self.stage3 = self.ds.get("zero_optimization", {}).get("stage") == 3
-        if self.stage3 and self.cfg.train.compiles() and not self.cfg.train.gradient_checkpointing:
-            if self.cfg.train.compile == "true":
-                raise ValueError("train.compile=true under ZeRO-3 needs train.gradient_checkpointing=true: then every "
-                                 "decoder layer is a ZeRO-3 leaf module and nothing inside a compiled layer is hooked "
-                                 "by DeepSpeed; set train.compile=false to run eager without checkpointing")
-            self.notes["compile"] = "eager (ZeRO-3 compiles only with gradient checkpointing)"
-            say("train.compile=auto: eager under ZeRO-3 without gradient checkpointing (set "
-                "train.gradient_checkpointing=true to compile the decoder layers)")
-        added = add_speed_defaults(self.ds, compile=self.compiles())
+        zero = self.ds.get("zero_optimization", {})
+        self.stage3 = zero.get("stage") == 3
+        self.compile_wanted = self.cfg.train.compiles() and self._compile_allowed(zero)
+        added = add_speed_defaults(self.ds, compile=self.compile_wanted)
         from datetime import timedelta
 
         # deepspeed.comm must be up before zero.Init reads the world size
         deepspeed.init_distributed(timeout=timedelta(minutes=self.cfg.train.timeout_minutes))
         if added:
-            say("ZeRO-3: added " + ", ".join(f"{k}={v}" for k, v in added.items())
+            say("ZeRO-3: added " + ", ".join(f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in added.items())
                 + " (set them in your DeepSpeed JSON to choose otherwise)")
 
     def replicate_gib(self) -> float:
@@ -466,12 +461,32 @@ class ZeRO3Engine(Engine):
         offload = self.ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
         return 0.0 if offload not in (None, "none") else 2.0
 
+    def _compile_allowed(self, zero: dict) -> bool:
+        """Where ``train.compile`` can apply under DeepSpeed: ZeRO stage 3, gradient checkpointing (the layers
+        become leaf modules, so nothing inside a compiled layer is hooked), and not ``memory_efficient_linear:
+        true`` in the user's JSON (its wrapper recompiles every layer). Otherwise ``true`` is refused before
+        anything loads and ``auto`` runs eager, saying why."""
+        why = ("ZeRO stage 3" if not self.stage3 else
+               "train.gradient_checkpointing=true" if not self.cfg.train.gradient_checkpointing else
+               "memory_efficient_linear unset or false in the DeepSpeed JSON" if zero.get("memory_efficient_linear") is True
+               else None)
+        if why is None:
+            return True
+        if self.cfg.train.compile == "true":
+            raise ValueError(f"train.compile=true under DeepSpeed needs {why} (each decoder layer's forward is compiled "
+                             "with DeepSpeed's hooks outside it); set train.compile=false to run eager")
+        if self.cfg.train.compiles():
+            self.notes["compile"] = f"eager (compiling under DeepSpeed needs {why})"
+            say(f"train.compile=auto: eager (compiling under DeepSpeed needs {why})")
+        return False
+
     def compiles(self) -> bool:
-        return super().compiles() and not (self.stage3 and not self.cfg.train.gradient_checkpointing)
+        """After :meth:`load`: only where the decoder layers became leaf modules (not for a custom ``adapt``)."""
+        return self.compile_wanted and "zero3_leaf_modules" in self.notes
 
     def compile_blocks(self, model) -> int:
-        """Under ZeRO-3 each layer's ``forward`` only (:func:`compile_forwards`): DeepSpeed's hooks stay eager."""
-        return compile_forwards(model) if self.stage3 else super().compile_blocks(model)
+        """Each layer's ``forward`` only (:func:`compile_forwards`): DeepSpeed's hooks stay eager."""
+        return compile_forwards(model)
 
     def marker_fields(self) -> dict:
         return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}
@@ -497,7 +512,7 @@ class ZeRO3Engine(Engine):
         from ..inject import apply
 
         ds = args.hf_deepspeed_config.config  # the Trainer-processed config (batch sizes filled in)
-        stage3 = ds.get("zero_optimization", {}).get("stage") == 3
+        stage3 = self.stage3
         with zero3_loading(ds, model_dtype(self.cfg)) if stage3 else contextlib.nullcontext():
             model = load_model(self.cfg)  # under ZeRO-3: built partitioned
         tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))

@@ -163,6 +163,27 @@ def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
         user_script_with_speedups(model_dir, out, rank)
 
 
+class RecompileReasons:
+    """Collects why dynamo recompiled (its "recompiles" log) while the block runs, and how many graphs it built."""
+
+    def __enter__(self):
+        import logging
+
+        self.reasons, self.graphs0 = [], torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        torch._logging.set_logs(recompiles=True)
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.reasons.append(record.getMessage())
+        logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("torch._dynamo.guards.__recompiles").removeHandler(self.handler)
+        torch._logging.set_logs()
+        self.graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.graphs0
+
+
 def user_script_with_speedups(model_dir: str, out: Path, rank: int) -> None:
     """The same script with the engine's ZeRO-3 speed-ups, as the README shows a plugin user: the
     measured DeepSpeed settings merged into their config before loading, gradient checkpointing,
@@ -184,16 +205,20 @@ def user_script_with_speedups(model_dir: str, out: Path, rank: int) -> None:
     done = speed_up_layers(model, compile=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patched
+
     x = METHOD_BATCH[rank:rank + 1]
     losses = []
-    for _ in range(USER_STEPS):
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
+    with RecompileReasons() as dyn:
+        for _ in range(USER_STEPS):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
     compiled = [hasattr(b.forward, "_torchdynamo_orig_callable") for b in svd_scale.inject.decoder_layers(model)]
-    (out / f"user_fast_rank{rank}.json").write_text(json.dumps({"losses": losses, "added": added, "done": done,
-                                                                "compiled": compiled}))
+    (out / f"user_fast_rank{rank}.json").write_text(json.dumps({
+        "losses": losses, "added": added, "done": done, "compiled": compiled, "graphs": dyn.graphs,
+        "recompile_reasons": dyn.reasons, "torch_linear": torch.nn.functional.linear is Patched.linear_bk}))
     engine.destroy()
 
 
@@ -236,24 +261,17 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
     if bf16:  # (world 2 only) the same run with each decoder layer's forward compiled, DeepSpeed's hooks eager
         import torch._dynamo
 
-        import logging
-
-        kept, graphs, reasons = {}, torch._dynamo.utils.counters["stats"]["unique_graphs"], []
-        # why dynamo recompiled (a new sequence length is expected; a guard per layer, e.g. on DeepSpeed's ds_id, is not)
-        torch._logging.set_logs(recompiles=True)
-        catch = logging.Handler()
-        catch.emit = lambda record: reasons.append(record.getMessage())
-        logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(catch)
-        run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
-                               f"train.output_dir={out / 'compiled'}")), keep=kept)
-        logging.getLogger("torch._dynamo.guards.__recompiles").removeHandler(catch)
-        torch._logging.set_logs()
+        kept = {}
+        # why dynamo recompiled: a new sequence length is expected; a guard per layer (a weight's ds_id) is not
+        with RecompileReasons() as dyn:
+            run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
+                                   f"train.output_dir={out / 'compiled'}")), keep=kept)
         from svd_scale.inject import decoder_layers
 
         layers = decoder_layers(kept["model"])
         (out / f"compiled_rank{dist.get_rank()}.json").write_text(json.dumps({
             "layers": len(layers), "forward_compiled": [hasattr(b.forward, "_torchdynamo_orig_callable") for b in layers],
-            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs, "recompile_reasons": reasons}))
+            "graphs": dyn.graphs, "recompile_reasons": dyn.reasons}))
         del kept
     if bf16:  # (world 2 only) a chat file: template, assistant-only labels, eval loss through the Trainer
         import chat_data
