@@ -216,18 +216,21 @@ def test_decoder_layer_leaf_modules_with_checkpointing_train_like_one_process(jo
 def test_compiled_layers_train_under_zero3_like_eager(world2):
     """train.compile under ZeRO-3: each decoder layer's forward compiled, DeepSpeed's fetch/release hooks
     eager; the losses and adapter equal the eager run with the same checkpointing, and the compiled
-    code serves every layer: dynamo recompiles only for new batch shapes (its logged reasons), never
-    per layer (a guard on DeepSpeed's ds_id, which its F.linear wrapper causes, would show there)."""
+    code serves every layer: dynamo recompiles only for new batch shapes and for the held-out evaluation
+    before and after training (no grad), never per layer (a guard on DeepSpeed's ds_id, which its
+    F.linear wrapper causes, would show in the logged reasons)."""
     world, out = world2
     facts = _facts_named(out, "compiled", world)
     assert all(f["forward_compiled"] == [True] * f["layers"] for f in facts)  # really compiled, on every rank
     for f in facts:
         # every graph after the first one of this code was a logged recompilation (so the log was caught) ...
         assert f["graphs"] > 0 and len(f["recompile_reasons"]) >= f["graphs"] - 1, f
-        # ... for a new batch shape only, never for something that differs per layer (a weight's ds_id)
-        assert all("size mismatch" in r and "ds_" not in r for r in f["recompile_reasons"]), f["recompile_reasons"]
+        # ... for a new batch shape or the evaluation's no-grad mode only, never for something that differs per
+        # layer (a weight's ds_id)
+        assert all(("size mismatch" in r or "grad_mode" in r) and "ds_" not in r for r in f["recompile_reasons"]), f
     eager, comp = (json.loads((out / d / "metrics.json").read_text()) for d in ("checkpointed", "compiled"))
     assert comp["compiled_blocks"] == facts[0]["layers"] and "compiled_blocks" not in eager
+    assert 0 <= comp["accuracy_before"] <= 1 and 0 <= comp["accuracy_after"] <= 1  # compiled layers evaluate too
     assert comp["median_step_seconds"] > 0 and eager["median_step_seconds"] > 0  # metrics say how fast it trained
     a, b = (torch.tensor([l for _, l in m["losses"]]) for m in (eager, comp))
     assert len(a) == 4 and a[0] != a[-1]

@@ -265,7 +265,7 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
         # why dynamo recompiled: a new sequence length is expected; a guard per layer (a weight's ds_id) is not
         with RecompileReasons() as dyn:
             run(load_config(None, (*common, "train.max_steps=4", "train.gradient_checkpointing=true", "train.compile=true",
-                                   f"train.output_dir={out / 'compiled'}")), keep=kept)
+                                   "train.eval_examples=24", f"train.output_dir={out / 'compiled'}")), keep=kept)
         from svd_scale.inject import decoder_layers
 
         layers = decoder_layers(kept["model"])
