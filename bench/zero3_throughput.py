@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
+from svd_scale.engines.zero3 import restore_torch_linear  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -268,19 +269,10 @@ def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s
     dist.barrier()
 
 
-def restore_linear() -> None:
-    """Undo DeepSpeed's process-wide ``F.linear`` override (``memory_efficient_linear``, on by default: set by
-    ``zero.Init`` and ``deepspeed.initialize``, and never reset), so each row runs under its own setting."""
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Ins
-
-    if hasattr(Ins, "linear_bk"):
-        torch.nn.functional.linear = Ins.linear_bk
-
-
 def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
         profile_dir: str | None = None) -> dict:
     ds = ds_config(name, hidden, setting)
-    restore_linear()
+    restore_torch_linear()  # each row under its own setting: DeepSpeed never resets its F.linear override
     _reset(cuda)
     before = _max(_now(cuda))  # what earlier rows left behind (0 when each row has its own process)
     dist.barrier()

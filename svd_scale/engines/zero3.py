@@ -374,17 +374,17 @@ def compile_forwards(model) -> int:
 
     from ..inject import decoder_layers
 
-    _restore_torch_linear()
+    restore_torch_linear()
     blocks = decoder_layers(model)
     for block in blocks:
         block.forward = torch.compile(block.forward)
     return len(blocks)
 
 
-def _restore_torch_linear() -> None:
-    """Put torch's own ``F.linear`` back where an earlier ``zero.Init`` in this process (one run with
-    ``memory_efficient_linear`` on) replaced it: DeepSpeed never resets it, and compiled layers would
-    recompile per layer through it (:func:`add_speed_defaults`)."""
+def restore_torch_linear() -> None:
+    """Put torch's own ``F.linear`` back where an earlier ``zero.Init`` or ``deepspeed.initialize`` in this
+    process (with ``memory_efficient_linear`` on) replaced it: DeepSpeed never resets it, and compiled
+    layers would recompile per layer through it (:func:`add_speed_defaults`)."""
     import torch
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patched
 
