@@ -28,7 +28,9 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 (``stage3_module_granularity_threshold``), ``persist[:1e6]`` (``stage3_param_persistence_threshold``;
 1e6 keeps the adapter's factors, sigma, s and the norms whole, the 4-bit codes of every projection
 (>= 4.2 M bf16 values) partitioned), ``prefetch[:2e8]`` (``stage3_prefetch_bucket_size``), ``live[:2e9]``
-(``stage3_max_live_parameters``), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
+(``stage3_max_live_parameters``), ``reuse[:0]`` (``stage3_max_reuse_distance``: DeepSpeed keeps a
+gathered parameter that the trace reuses within this many values, 1e9 by default, which held the last
+decoder layers gathered from the forward into the backward), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
 this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (about 1.6e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
 instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
@@ -37,7 +39,8 @@ each decoder layer's ``forward`` after ``deepspeed.initialize``: DeepSpeed's fet
 run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked; add ``mel`` with it, as train.compile does: DeepSpeed's ``F.linear`` wrapper makes dynamo guard on each
 weight's ``ds_id``, so PEFT's LoRA layers recompiled per decoder layer and fell back to eager after 8); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
-after the timed ones (tables to ``--profile-dir``).
+after the timed ones (tables to ``--profile-dir``); ``--memory SETTING[,SETTING]`` one step with CUDA's
+allocator history on rank 0: what was live at the step's peak, by allocation site (``mem_*.md`` there).
 
 Per row (max over ranks): load + adapt seconds, peak GiB during load + adapt, peak GiB during
 training, parameter GiB held by the rank after ``deepspeed.initialize``; tokens/s per GPU (median
@@ -93,8 +96,9 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
 
 
 SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
-                    "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None}
+                    "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None, "reuse": 0}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
+                "reuse": "stage3_max_reuse_distance",
                 "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
                 "mpersist": "stage3_model_persistence_threshold", "mel": "memory_efficient_linear"}
 
@@ -269,8 +273,87 @@ def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s
     dist.barrier()
 
 
+SITE_LIBS = ("svd_scale/", "deepspeed/", "transformers/", "peft/", "bitsandbytes/", "torchinductor", "bench/")
+
+
+def _site(frames: list) -> str:
+    """Where an allocation came from: the innermost frame in svd_scale, DeepSpeed, transformers, PEFT,
+    bitsandbytes, inductor's generated code or this bench (torch's own frames are skipped)."""
+    for f in frames:
+        fn = f.get("filename", "")
+        if any(lib in fn for lib in SITE_LIBS):
+            short = fn.split("site-packages/")[-1] if "site-packages/" in fn else "/".join(fn.split("/")[-2:])
+            if "torchinductor" in fn:
+                short = "inductor generated code"
+                return short
+            return f"{short}:{f.get('line')} {f.get('name')}"
+    return "other (" + (frames[0].get("name", "?") if frames else "no frames") + ")"
+
+
+def memory_step(step, name: str, setting: str, out_dir: str) -> dict:
+    """One step with CUDA's allocator history on (rank 0; every rank runs the step): replays the allocations
+    and frees to find the step's peak, and writes what was live then, grouped by allocation site, to
+    ``mem_<row>__<setting>.md``. Blocks allocated before the step (shards, buffers) count as one group."""
+    rank = dist.get_rank()
+    tag = f"{name}__{setting.replace('+', '_').replace(':', '')}"
+    if rank != 0:
+        step()
+        dist.barrier()
+        return {}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
+    step()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak_torch = torch.cuda.max_memory_allocated()
+    dist.barrier()
+    try:
+        return _memory_summary(snap, base, peak_torch, tag, out_dir)
+    except Exception as e:  # a summary bug must not leave the other ranks waiting
+        print(f"memory summary failed: {e!r}", flush=True)
+        return {}
+
+
+def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: str) -> dict:
+    events = snap["device_traces"][torch.cuda.current_device()]
+    cur, peak, peak_i = base, base, -1
+    for i, e in enumerate(events):  # pass 1: when the step peaked
+        if e["action"] in ("alloc", "free_completed"):
+            cur += e["size"] if e["action"] == "alloc" else -e["size"]
+            if cur > peak:
+                peak, peak_i = cur, i
+    live, freed = {}, 0
+    for e in events[:peak_i + 1]:  # pass 2: what was live then
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed" and live.pop(e["addr"], None) is None:
+            freed += e["size"]  # a block from before the step
+    from collections import defaultdict
+
+    groups = defaultdict(lambda: [0, 0])
+    groups["allocated before the step, still live"] = [base - freed, 0]
+    for e in live.values():
+        g = groups[_site(e.get("frames", []))]
+        g[0] += e["size"]
+        g[1] += 1
+    gib = 2**30
+    lines = [f"# {tag}: what was live at the step's peak (rank 0)", "",
+             f"- allocated before the step: {base / gib:.2f} GiB; replayed peak {peak / gib:.2f} GiB "
+             f"(torch max_memory_allocated {peak_torch / gib:.2f} GiB); {len(events)} allocator events", "",
+             "| GiB | blocks | allocation site (innermost svd_scale/DeepSpeed/transformers/PEFT/bnb frame) |", "|---|---|---|"]
+    for site, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:
+        lines.append(f"| {size / gib:.3f} | {n} | `{site}` |")
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"mem_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:16]), flush=True)
+    return {"mem_peak_gib": peak / gib, "mem_base_gib": base / gib}
+
+
 def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
-        profile_dir: str | None = None) -> dict:
+        profile_dir: str | None = None, memory_dir: str | None = None) -> dict:
     ds = ds_config(name, hidden, setting)
     restore_torch_linear()  # each row under its own setting: DeepSpeed never resets its F.linear override
     _reset(cuda)
@@ -328,6 +411,8 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     out["train_peak_gib"] = _max(_peak(cuda))
     if profile_dir is not None:
         profile_step(step, name, setting, profile_dir, cuda, statistics.median(times))
+    if memory_dir is not None and cuda:
+        out.update(memory_step(step, name, setting, memory_dir))
     if not all(l == l and abs(l) < 1e4 for l in losses):
         raise RuntimeError(f"{name}: non-finite or exploding loss {losses}")
     engine.destroy()
@@ -353,6 +438,9 @@ def main():
                          "every row runs under each, settings outermost")
     ap.add_argument("--profile", default=None, help="profile one extra step of every row under this setting (rank 0)")
     ap.add_argument("--profile-dir", default="runs/zero3_profile")
+    ap.add_argument("--memory", default=None,
+                    help="under these settings (comma-separated), one extra step of every row with CUDA's allocator history (rank 0): "
+                         "what is live at the step's peak, by allocation site, to --profile-dir/mem_*.md")
     ap.add_argument("--plan", default=None,
                     help="explicit order instead of --rows x --settings: comma-separated ROW@SETTING, e.g. "
                          "'svd_scale_nf4@leaf+persist:0,peft_qlora@leaf+persist:0,svd_scale_nf4@leaf+persist:0' "
@@ -387,7 +475,7 @@ def main():
         prof = a.profile == st and (r, st) not in profiled
         profiled.add((r, st))
         res = row(r, path, a.seq, a.steps, cuda, SHAPES[a.shape]["hidden_size"], st,
-                  a.profile_dir if prof else None)
+                  a.profile_dir if prof else None, a.profile_dir if a.memory and st in a.memory.split(",") else None)
         if rank == 0:
             print(f"RESULT {st:32s} {r:16s} {res['tok_s_per_gpu']:8,.0f} tok/s/GPU  train peak {res['train_peak_gib']:.2f} GiB  "
                   f"init {res['init_s']:.1f} s  persistent {res['persistent']}  ds-linear {res['deepspeed_linear']}  steps {[round(x, 3) for x in res['step_s']]}  leaves: {res['leaves']}", flush=True)

@@ -2,6 +2,7 @@
 # Device-side driver for the ZeRO-3 settings sweep (issue 15). Run from the repo root copy (.z3):
 #   bash bench/device/z3_settings.sh install|single|sweep NPROC TAG SETTINGS [PROFILE_SETTING] [ROWS]
 #   bash bench/device/z3_settings.sh plan NPROC TAG ROW@SETTING,ROW@SETTING,... [PROFILE_SETTING]   (explicit order)
+#   bash bench/device/z3_settings.sh each NPROC TAG ROW@SETTING,... [MEMORY_SETTING]   (one process per entry: clean peaks)
 # Wheels are read from ../.whl (carried); results go to $OUT.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site TOKENIZERS_PARALLELISM=false
@@ -43,5 +44,18 @@ plan)
     grep -H -E "^total self|^- all-gather|^- reduce-scatter|ms profiled" /tmp/prof_$TAG/prof_*.md
     tar czf $OUT/prof_$TAG.tgz -C /tmp prof_$TAG
   fi
+  ;;
+each)
+  N=$2; TAG=$3; PLAN=$4; MEM=$5; i=0
+  for E in ${PLAN//,/ }; do
+    i=$((i+1)); t0=$(date +%s)
+    timeout ${TLIM:-560} torchrun --nproc_per_node $N bench/zero3_throughput.py --shape 7b --plan "$E" \
+      ${MEM:+--memory $MEM --profile-dir $OUT/mem_$TAG} --json /tmp/${TAG}_$i.json --out /tmp/${TAG}_$i.md > /tmp/${TAG}_$i.log 2>&1
+    echo "rc=$? entry $i ($E) took $(( $(date +%s) - t0 )) s"
+    grep -E "^RESULT|Error|error:|Traceback|OutOfMemory|replayed peak" /tmp/${TAG}_$i.log | grep -v "UserWarning" | head -20
+    gzip -c /tmp/${TAG}_$i.log > $OUT/${TAG}_$i.log.gz
+  done
+  python3 bench/zero3_throughput.py --merge $(ls /tmp/${TAG}_*.json) --out $OUT/$TAG.md > /dev/null && \
+    python3 -c "import json,sys; json.dump([r for f in sys.argv[1:] for r in json.load(open(f))], open('$OUT/$TAG.json','w'))" $(ls /tmp/${TAG}_*.json)
   ;;
 esac
