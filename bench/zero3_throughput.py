@@ -276,21 +276,29 @@ def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s
 SITE_LIBS = ("svd_scale/", "deepspeed/", "transformers/", "peft/", "bitsandbytes/", "torchinductor", "bench/")
 
 
-def _site(frames: list) -> str:
-    """Where an allocation came from: the innermost frame in svd_scale, DeepSpeed, transformers, PEFT,
-    bitsandbytes, inductor's generated code or this bench (torch's own frames are skipped)."""
+def _site(frames: list, depth: int = 4) -> str:
+    """Where an allocation came from: the ``depth`` innermost frames in svd_scale, DeepSpeed, transformers,
+    PEFT, bitsandbytes, inductor's generated code or this bench (torch's own frames and DeepSpeed's nvtx
+    wrapper skipped), innermost first."""
+    out = []
     for f in frames:
         fn = f.get("filename", "")
-        if any(lib in fn for lib in SITE_LIBS):
+        if "torchinductor" in fn:
+            out.append("inductor generated code")
+        elif any(lib in fn for lib in SITE_LIBS) and not fn.endswith("utils/nvtx.py"):
             short = fn.split("site-packages/")[-1] if "site-packages/" in fn else "/".join(fn.split("/")[-2:])
-            if "torchinductor" in fn:
-                short = "inductor generated code"
-                return short
-            return f"{short}:{f.get('line')} {f.get('name')}"
-    return "other (" + (frames[0].get("name", "?") if frames else "no frames") + ")"
+            out.append(f"{short}:{f.get('line')} {f.get('name')}")
+        if len(out) == depth:
+            break
+    return " < ".join(out) or "other (" + (frames[0].get("name", "?") if frames else "no frames") + ")"
 
 
-def memory_step(step, name: str, setting: str, out_dir: str) -> dict:
+def _mark(label: str) -> None:
+    """A phase marker in the allocator history: a 1-value allocation from a frame named ``_mark``."""
+    torch.empty(1, device="cuda")
+
+
+def memory_step(step, model_params, name: str, setting: str, out_dir: str) -> dict:
     """One step with CUDA's allocator history on (rank 0; every rank runs the step): replays the allocations
     and frees to find the step's peak, and writes what was live then, grouped by allocation site, to
     ``mem_<row>__<setting>.md``. Blocks allocated before the step (shards, buffers) count as one group."""
@@ -304,22 +312,37 @@ def memory_step(step, name: str, setting: str, out_dir: str) -> dict:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
-    step()
+    phases = []
+
+    def mark(label):
+        phases.append(label)
+        _mark(label)
+        if label == "after forward":  # what DeepSpeed holds gathered between forward and backward
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            held = [p for p in model_params() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE
+                    and not getattr(p, "ds_persist", False)]
+            phases[-1] += f" (DeepSpeed holds {len(held)} non-persistent parameters gathered, " \
+                          f"{sum(p.ds_numel * p.element_size() for p in held) / 2**30:.2f} GiB)"
+
+    step(mark)
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak_torch = torch.cuda.max_memory_allocated()
     dist.barrier()
     try:
-        return _memory_summary(snap, base, peak_torch, tag, out_dir)
+        return _memory_summary(snap, base, peak_torch, tag, out_dir, phases)
     except Exception as e:  # a summary bug must not leave the other ranks waiting
         print(f"memory summary failed: {e!r}", flush=True)
         return {}
 
 
-def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: str) -> dict:
+def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: str, phases: list) -> dict:
     events = snap["device_traces"][torch.cuda.current_device()]
-    cur, peak, peak_i = base, base, -1
+    cur, peak, peak_i, marks = base, base, -1, []
     for i, e in enumerate(events):  # pass 1: when the step peaked
+        if e["action"] == "alloc" and any(f.get("name") == "_mark" for f in e.get("frames", [])[:6]):
+            marks.append((i, cur))
         if e["action"] in ("alloc", "free_completed"):
             cur += e["size"] if e["action"] == "alloc" else -e["size"]
             if cur > peak:
@@ -341,14 +364,16 @@ def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: s
     gib = 2**30
     lines = [f"# {tag}: what was live at the step's peak (rank 0)", "",
              f"- allocated before the step: {base / gib:.2f} GiB; replayed peak {peak / gib:.2f} GiB "
-             f"(torch max_memory_allocated {peak_torch / gib:.2f} GiB); {len(events)} allocator events", "",
+             f"(torch max_memory_allocated {peak_torch / gib:.2f} GiB) at allocator event {peak_i} of {len(events)}"]
+    lines += [f"- {label}: event {i}, {c / gib:.2f} GiB allocated" for label, (i, c) in zip(phases, marks)]
+    lines += ["",
              "| GiB | blocks | allocation site (innermost svd_scale/DeepSpeed/transformers/PEFT/bnb frame) |", "|---|---|---|"]
     for site, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:
         lines.append(f"| {size / gib:.3f} | {n} | `{site}` |")
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     (d / f"mem_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:16]), flush=True)
+    print("\n".join(lines[:26]), flush=True)
     return {"mem_peak_gib": peak / gib, "mem_base_gib": base / gib}
 
 
@@ -390,11 +415,14 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     dev = engine.device
     g = torch.Generator().manual_seed(dist.get_rank())
     times, losses = [], []
-    def step():
+    def step(mark=lambda label: None):
         x = torch.randint(0, 32000, (1, seq), generator=g).to(dev)
         loss = engine(input_ids=x, labels=x).loss
+        mark("after forward")
         engine.backward(loss)
+        mark("after backward")
         engine.step()
+        mark("after optimizer step")
         if cuda:
             torch.cuda.synchronize()
         return loss.item()
@@ -412,7 +440,7 @@ def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, se
     if profile_dir is not None:
         profile_step(step, name, setting, profile_dir, cuda, statistics.median(times))
     if memory_dir is not None and cuda:
-        out.update(memory_step(step, name, setting, memory_dir))
+        out.update(memory_step(step, model.parameters, name, setting, memory_dir))
     if not all(l == l and abs(l) < 1e4 for l in losses):
         raise RuntimeError(f"{name}: non-finite or exploding loss {losses}")
     engine.destroy()

@@ -52,9 +52,10 @@ each)
     timeout ${TLIM:-560} torchrun --nproc_per_node $N bench/zero3_throughput.py --shape 7b --plan "$E" \
       ${MEM:+--memory $MEM --profile-dir $OUT/mem_$TAG} --json /tmp/${TAG}_$i.json --out /tmp/${TAG}_$i.md > /tmp/${TAG}_$i.log 2>&1
     echo "rc=$? entry $i ($E) took $(( $(date +%s) - t0 )) s"
-    grep -E "^RESULT|Error|error:|Traceback|OutOfMemory|replayed peak" /tmp/${TAG}_$i.log | grep -v "UserWarning" | head -20
+    grep -E "^RESULT|Error|error:|Traceback|OutOfMemory|memory summary" /tmp/${TAG}_$i.log | grep -v "UserWarning" | head -20
     gzip -c /tmp/${TAG}_$i.log > $OUT/${TAG}_$i.log.gz
   done
+  if [ -d $OUT/mem_$TAG ]; then cat $OUT/mem_$TAG/*.md; tar czf $OUT/mem_$TAG.tgz -C $OUT mem_$TAG && rm -r $OUT/mem_$TAG; fi
   python3 bench/zero3_throughput.py --merge $(ls /tmp/${TAG}_*.json) --out $OUT/$TAG.md > /dev/null && \
     python3 -c "import json,sys; json.dump([r for f in sys.argv[1:] for r in json.load(open(f))], open('$OUT/$TAG.json','w'))" $(ls /tmp/${TAG}_*.json)
   ;;
