@@ -35,6 +35,11 @@ def main(argv=None) -> None:
     from svd_scale.training import run
 
     run(cfg, resume=args.resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a clean exit: no rank's store vanishes under another
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

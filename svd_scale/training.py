@@ -286,10 +286,15 @@ class EvalCallback(TrainerCallback):
 class StepTimer(TrainerCallback):
     """Wall seconds of each optimizer step, so metrics.json tells how fast a run trained (each step ends
     in a GPU sync: ``SVDTrainer.training_step`` reads whether the loss is finite); the median leaves out
-    the first two steps, which include ``torch.compile`` and the first allocations."""
+    the first two steps, which include ``torch.compile`` and the first allocations. On a GPU also rank 0's
+    peak allocated memory since training began (the model and init before it excluded)."""
 
     def __init__(self, metrics: dict):
         self.metrics, self.times, self.t = metrics, [], None
+
+    def on_train_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kw):
         self.t = time.perf_counter()
@@ -299,6 +304,8 @@ class StepTimer(TrainerCallback):
             self.times.append(time.perf_counter() - self.t)
             timed = self.times[2:] or self.times
             self.metrics["median_step_seconds"] = round(sorted(timed)[len(timed) // 2], 4)
+        if torch.cuda.is_available():  # this rank's (rank 0 writes metrics.json) peak since training began
+            self.metrics["train_peak_gib_rank0"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
 def _held_out(cfg: RunConfig, splits) -> list:

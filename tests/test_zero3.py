@@ -145,6 +145,21 @@ def test_a_users_own_script_with_the_speedups_trains_the_same_steps(world2):
         assert fast["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
 
+def test_the_defaults_hold_no_layer_gathered_between_forward_and_backward(world2):
+    """With the engine's ZeRO-3 defaults (no prefetch, no reuse window) no decoder layer is still gathered at
+    the end of the forward; a prefetch bucket the user sets is kept, and then DeepSpeed holds layers into the
+    backward (what made the per-GPU peak exceed one process's: bench/results/zero3_memory_H200x4.md)."""
+    world, out = world2
+    for r in range(world):
+        held = json.loads((out / f"held_rank{r}.json").read_text())
+        d, u = held["defaults"], held["user_prefetch"]
+        assert {"stage3_prefetch_bucket_size", "stage3_max_reuse_distance"} <= set(d["added"])
+        assert "stage3_prefetch_bucket_size" not in u["added"]  # the user's value stays
+        assert d["partitioned"] > 0 and d["layers"] == 2
+        assert d["held_after_forward"] == [0, 0, 0, 0]
+        assert max(u["held_after_forward"][2:]) > 0  # the check sees held layers when there are some
+
+
 def test_outputs_equal_the_base_model_after_sharded_init(job):
     world, out = job
     for f in _facts(out, world):

@@ -161,6 +161,46 @@ def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
     engine.destroy()
     if world == 2:
         user_script_with_speedups(model_dir, out, rank)
+        layers_held_after_forward(model_dir, out, rank)
+
+
+def layers_held_after_forward(model_dir: str, out: Path, rank: int) -> None:
+    """How many decoder layers DeepSpeed still holds gathered at the end of the forward (checkpointing, leaf
+    layers; the user's JSON partitions every weight), once with the engine's defaults and once with a
+    prefetch bucket the user set: DeepSpeed's prefetcher marks what it passes in the backward's
+    recomputation as needed again, so a large bucket keeps layers gathered into the backward."""
+    import copy
+
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from svd_scale.engines.zero3 import add_speed_defaults, speed_up_layers
+
+    held = {}
+    for name, user in (("defaults", {}), ("user_prefetch", {"stage3_prefetch_bucket_size": 10**8})):
+        ds = copy.deepcopy(DS)  # persistence 0: every weight partitioned
+        ds["zero_optimization"].update(user)
+        added = add_speed_defaults(ds)
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        speed_up_layers(model, compile=False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        layers = svd_scale.inject.decoder_layers(model)
+        counts = []
+        for _ in range(4):  # DeepSpeed records its trace in the first steps, then prefetches by it
+            loss = engine(input_ids=METHOD_BATCH[rank:rank + 1], labels=METHOD_BATCH[rank:rank + 1]).loss
+            counts.append(sum(any(p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist for p in b.parameters())
+                              for b in layers))
+            engine.backward(loss)
+            engine.step()
+        held[name] = {"added": sorted(added), "held_after_forward": counts, "layers": len(layers),
+                      "partitioned": sum(not p.ds_persist for b in layers for p in b.parameters())}
+        engine.destroy()
+    (out / f"held_rank{rank}.json").write_text(json.dumps(held))
 
 
 class RecompileReasons:
