@@ -29,8 +29,8 @@ set_z3_leaf_modules(model, [<decoder layer class>])`` before ``deepspeed.initial
 1e6 keeps the adapter's factors, sigma, s and the norms whole, the 4-bit codes of every projection
 (>= 4.2 M bf16 values) partitioned), ``prefetch[:2e8]`` (``stage3_prefetch_bucket_size``), ``live[:2e9]``
 (``stage3_max_live_parameters``), ``reuse[:0]`` (``stage3_max_reuse_distance``: DeepSpeed keeps a
-gathered parameter that the trace reuses within this many values, 1e9 by default, which held the last
-decoder layers gathered from the forward into the backward), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
+gathered parameter that its trace reuses within this many values, 1e9 by default; alone it did not lower the
+7B peak, the prefetch bucket did, see bench/results/zero3_memory_H200x4.md), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
 this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (about 1.6e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
 instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
@@ -273,7 +273,7 @@ def profile_step(step, name: str, setting: str, out_dir: str, cuda: bool, step_s
     dist.barrier()
 
 
-SITE_LIBS = ("svd_scale/", "deepspeed/", "transformers/", "peft/", "bitsandbytes/", "torchinductor", "bench/")
+SITE_LIBS = ("svd_scale/", "deepspeed/", "transformers/", "peft/", "bitsandbytes/", "bench/")
 
 
 def _site(frames: list, depth: int = 4) -> str:
@@ -293,7 +293,7 @@ def _site(frames: list, depth: int = 4) -> str:
     return " < ".join(out) or "other (" + (frames[0].get("name", "?") if frames else "no frames") + ")"
 
 
-def _mark(label: str) -> None:
+def _mark() -> None:
     """A phase marker in the allocator history: a 1-value allocation from a frame named ``_mark``."""
     torch.empty(1, device="cuda")
 
@@ -316,7 +316,7 @@ def memory_step(step, model_params, name: str, setting: str, out_dir: str) -> di
 
     def mark(label):
         phases.append(label)
-        _mark(label)
+        _mark()
         if label == "after forward":  # what DeepSpeed holds gathered between forward and backward
             from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -365,7 +365,10 @@ def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: s
     lines = [f"# {tag}: what was live at the step's peak (rank 0)", "",
              f"- allocated before the step: {base / gib:.2f} GiB; replayed peak {peak / gib:.2f} GiB "
              f"(torch max_memory_allocated {peak_torch / gib:.2f} GiB) at allocator event {peak_i} of {len(events)}"]
-    lines += [f"- {label}: event {i}, {c / gib:.2f} GiB allocated" for label, (i, c) in zip(phases, marks)]
+    if len(marks) == len(phases):
+        lines += [f"- {label}: event {i}, {c / gib:.2f} GiB allocated" for label, (i, c) in zip(phases, marks)]
+    else:
+        lines += [f"- phase markers: {len(marks)} found for {len(phases)} phases ({', '.join(phases)}); not placed"]
     lines += ["",
              "| GiB | blocks | allocation site (innermost svd_scale/DeepSpeed/transformers/PEFT/bnb frame) |", "|---|---|---|"]
     for site, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:

@@ -37,9 +37,8 @@ def main(argv=None) -> None:
     run(cfg, resume=args.resume)
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():  # a clean exit: no rank's store vanishes under another
-        dist.barrier()
-        dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():  # each rank stops its process group's watchdog before exit;
+        dist.destroy_process_group()                   # no barrier: rank 0 may still be exporting alone
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ class StepTimer(TrainerCallback):
     """Wall seconds of each optimizer step, so metrics.json tells how fast a run trained (each step ends
     in a GPU sync: ``SVDTrainer.training_step`` reads whether the loss is finite); the median leaves out
     the first two steps, which include ``torch.compile`` and the first allocations. On a GPU also rank 0's
-    peak allocated memory since training began (the model and init before it excluded)."""
+    peak allocated memory since training began (the resident model included, init's transient peak not)."""
 
     def __init__(self, metrics: dict):
         self.metrics, self.times, self.t = metrics, [], None

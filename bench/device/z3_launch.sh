@@ -36,15 +36,19 @@ printf "node0 slots=$N\nnode1 slots=$N\n" > /tmp/hostfile
 for c in ${VALUES//,/ }; do
   t0=$(date +%s)
   if [ "$NODES" = 2 ]; then
+    pids=()
     for k in 0 1; do
       timeout ${TLIM:-280} python3 -m deepspeed.launcher.runner --hostfile /tmp/hostfile --include $INC --no_ssh --node_rank $k --master_addr 127.0.0.1 \
         --master_port 29611 launch/train.py $ARGS train.compile=$c train.output_dir=/tmp/run_$c > /tmp/launch_${c}_node$k.log 2>&1 &
+      pids+=($!)
     done
-    wait; cp /tmp/launch_${c}_node0.log /tmp/launch_$c.log; grep -h "node_rank\|world" /tmp/launch_${c}_node1.log | head -3
+    rc=0; for p in "${pids[@]}"; do wait $p || rc=$?; done
+    cat /tmp/launch_${c}_node0.log /tmp/launch_${c}_node1.log > /tmp/launch_$c.log
   else
     timeout ${TLIM:-280} python3 -m deepspeed.launcher.runner --num_gpus $N launch/train.py $ARGS train.compile=$c train.output_dir=/tmp/run_$c > /tmp/launch_$c.log 2>&1
+    rc=$?
   fi
-  echo "rc=$? compile=$c nodes=$NODES took $(( $(date +%s) - t0 )) s"
+  echo "rc=$rc compile=$c nodes=$NODES took $(( $(date +%s) - t0 )) s"
   grep -E "^\[svd_scale\]|Error|Traceback|recompile_limit" /tmp/launch_$c.log | grep -v UserWarning | head -20
   cp /tmp/run_$c/metrics.json $OUT/metrics_compile_${c}_n$NODES.json && rm -rf /tmp/run_$c 2>/dev/null && python3 -c "import json,sys; m=json.load(open('$OUT/metrics_compile_${c}_n$NODES.json')); print('compile=$c', 'median_step_s', m.get('median_step_seconds'), 'tok/s/GPU', round(2048/m['median_step_seconds']) if m.get('median_step_seconds') else None, 'compiled_blocks', m.get('compiled_blocks'), 'losses', [round(l,4) for _,l in m['losses']][:4])"
   gzip -c /tmp/launch_$c.log > $OUT/launch_${c}_n$NODES.log.gz

@@ -46,7 +46,7 @@ plan)
   fi
   ;;
 each)
-  N=$2; TAG=$3; PLAN=$4; MEM=$5; i=0
+  N=$2; TAG=$3; PLAN=$4; MEM=$5; i=0; rm -f /tmp/${TAG}_*.json
   for E in ${PLAN//,/ }; do
     i=$((i+1)); t0=$(date +%s)
     timeout ${TLIM:-560} torchrun --nproc_per_node $N bench/zero3_throughput.py --shape 7b --plan "$E" \
@@ -56,7 +56,7 @@ each)
     gzip -c /tmp/${TAG}_$i.log > $OUT/${TAG}_$i.log.gz
   done
   if [ -d $OUT/mem_$TAG ]; then cat $OUT/mem_$TAG/*.md; tar czf $OUT/mem_$TAG.tgz -C $OUT mem_$TAG && rm -r $OUT/mem_$TAG; fi
-  python3 bench/zero3_throughput.py --merge $(ls /tmp/${TAG}_*.json) --out $OUT/$TAG.md > /dev/null && \
-    python3 -c "import json,sys; json.dump([r for f in sys.argv[1:] for r in json.load(open(f))], open('$OUT/$TAG.json','w'))" $(ls /tmp/${TAG}_*.json)
+  python3 bench/zero3_throughput.py --merge $(ls /tmp/${TAG}_*.json | sort -V) --out $OUT/$TAG.md > /dev/null && \
+    python3 -c "import json,sys; json.dump([r for f in sys.argv[1:] for r in json.load(open(f))], open('$OUT/$TAG.json','w'))" $(ls /tmp/${TAG}_*.json | sort -V)
   ;;
 esac

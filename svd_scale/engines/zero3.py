@@ -324,16 +324,16 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the engine
-#: ZeRO-3 options added to a DeepSpeed config that does not set them. Persistence 1e6 keeps the small
-#: tensors (sigma, s, norms) whole (with decoder-layer leaf modules, :func:`set_leaf_modules`, this moved
-#: svd_scale NF4 from 0.13-0.15x to 0.32-0.36x one GPU's rate; bench/results/zero3_settings_H200x4.md).
-#: No prefetch and no reuse window: DeepSpeed's prefetcher walks its trace from the end of the forward into
-#: the backward's recomputation and marks each gathered parameter it passes as needed again, so nothing it
-#: passed is released. With a 2e8 bucket a rank held the 4-bit codes of ~27 of 32 layers at the end of
-#: the forward (3.0 GiB; train peak 6.56 GiB per GPU at N=4 vs 5.52 in one process); with these two at
-#: 0 it holds one layer at a time: peak 3.23 GiB, tokens/s 6-19% lower (one 4 x H200 host, 7B shape,
-#: bench/results/zero3_memory_H200x4.md). A 70B model's codes (35 GB) would not fit gathered. A JSON that
-#: sets ``stage3_prefetch_bucket_size`` keeps it: trade memory for speed there.
+#: ZeRO-3 options added to a DeepSpeed config that does not set them. With decoder-layer leaf modules
+#: (:func:`set_leaf_modules`) a prefetch bucket of 2e8 was the largest speed-up measured eager (+39-41%,
+#: bench/results/zero3_settings_H200x4.md), but it is off: DeepSpeed's prefetcher walks its trace from the
+#: end of the forward into the backward's recomputation and marks each gathered parameter it passes as
+#: needed again, so nothing it passed is released. With the 2e8 bucket a rank held the 4-bit codes of ~27
+#: of 32 layers at the end of the forward (3.0 GiB; train peak 6.56 GiB per GPU at N=4 vs 5.52 in one
+#: process); with prefetch and the reuse window at 0 it holds one layer at a time: peak 3.23 GiB, tokens/s
+#: 6-19% lower, compiled (one 4 x H200 host, 7B shape, bench/results/zero3_memory_H200x4.md). A 70B
+#: model's codes (35 GB) would not fit gathered. A JSON that sets ``stage3_prefetch_bucket_size`` keeps it:
+#: trade memory for speed there. Persistence 1e6 keeps sigma, s and the norms whole.
 SPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
                   "stage3_max_live_parameters": 2_000_000_000, "stage3_param_persistence_threshold": 1_000_000}
 

@@ -164,6 +164,25 @@ def user_script(model_dir: str, out: Path, rank: int, world: int) -> None:
         layers_held_after_forward(model_dir, out, rank)
 
 
+def _users_fast_engine(model_dir: str, ds: dict, compile: bool):
+    """A plugin user's model set up as the README shows, with ``ds`` (``add_speed_defaults`` already merged):
+    loaded partitioned, ``svd_scale.apply``, gradient checkpointing, ``speed_up_layers``, their own
+    ``deepspeed.initialize``. Returns (engine, model, what speed_up_layers did)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from svd_scale.engines.zero3 import speed_up_layers
+
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
+    done = speed_up_layers(model, compile=compile)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine, model, done
+
+
 def layers_held_after_forward(model_dir: str, out: Path, rank: int) -> None:
     """How many decoder layers DeepSpeed still holds gathered at the end of the forward (checkpointing, leaf
     layers; the user's JSON partitions every weight), once with the engine's defaults and once with a
@@ -172,23 +191,15 @@ def layers_held_after_forward(model_dir: str, out: Path, rank: int) -> None:
     import copy
 
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from svd_scale.engines.zero3 import add_speed_defaults, speed_up_layers
+    from svd_scale.engines.zero3 import add_speed_defaults
 
     held = {}
     for name, user in (("defaults", {}), ("user_prefetch", {"stage3_prefetch_bucket_size": 10**8})):
         ds = copy.deepcopy(DS)  # persistence 0: every weight partitioned
         ds["zero_optimization"].update(user)
         added = add_speed_defaults(ds)
-        keep = HfDeepSpeedConfig(ds)  # noqa: F841
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        speed_up_layers(model, compile=False)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        engine, model, _ = _users_fast_engine(model_dir, ds, compile=False)
         layers = svd_scale.inject.decoder_layers(model)
         counts = []
         for _ in range(4):  # DeepSpeed records its trace in the first steps, then prefetches by it
@@ -230,21 +241,12 @@ def user_script_with_speedups(model_dir: str, out: Path, rank: int) -> None:
     then ``speed_up_layers`` (decoder layers as leaf modules, each layer's forward compiled)."""
     import copy
 
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from svd_scale.engines.zero3 import add_speed_defaults, speed_up_layers
+    from svd_scale.engines.zero3 import add_speed_defaults
 
     ds = copy.deepcopy(DS)
     ds["zero_optimization"].pop("stage3_param_persistence_threshold")  # the user left it unset: the default is added
     added = add_speed_defaults(ds, compile=True)
-    keep = HfDeepSpeedConfig(ds)  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
-    done = speed_up_layers(model, compile=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, model, done = _users_fast_engine(model_dir, ds, compile=True)
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patched
 
     x = METHOD_BATCH[rank:rank + 1]
