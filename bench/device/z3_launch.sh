@@ -50,6 +50,6 @@ for c in ${VALUES//,/ }; do
   fi
   echo "rc=$rc compile=$c nodes=$NODES took $(( $(date +%s) - t0 )) s"
   grep -E "^\[svd_scale\]|Error|Traceback|recompile_limit" /tmp/launch_$c.log | grep -v UserWarning | head -20
-  cp /tmp/run_$c/metrics.json $OUT/metrics_compile_${c}_n$NODES.json && rm -rf /tmp/run_$c 2>/dev/null && python3 -c "import json,sys; m=json.load(open('$OUT/metrics_compile_${c}_n$NODES.json')); print('compile=$c', 'median_step_s', m.get('median_step_seconds'), 'tok/s/GPU', round(2048/m['median_step_seconds']) if m.get('median_step_seconds') else None, 'compiled_blocks', m.get('compiled_blocks'), 'losses', [round(l,4) for _,l in m['losses']][:4])"
+  cp /tmp/run_$c/metrics.json $OUT/metrics_compile_${c}_n$NODES.json && rm -rf /tmp/run_$c 2>/dev/null && python3 -c "import json,sys; m=json.load(open('$OUT/metrics_compile_${c}_n$NODES.json')); print('compile=$c', 'median_step_s', m.get('median_step_seconds'), 'tok/s/GPU', round(2048/m['median_step_seconds']) if m.get('median_step_seconds') else None, 'compiled_blocks', m.get('compiled_blocks'), 'peak_gib_rank0', m.get('train_peak_gib_rank0'), 'losses', [round(l,4) for _,l in m['losses']][:4])"
   gzip -c /tmp/launch_$c.log > $OUT/launch_${c}_n$NODES.log.gz
 done
