@@ -225,7 +225,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     compile: str = field(default="auto", metadata={"help": "torch.compile every decoder layer: true, false, or auto (on with a "
                          "CUDA GPU, eager on CPU). Measured: 1.65x the eager tokens/s on one H100; 1.53x through launch/train.py under "
-                         "ZeRO-3 on 4 H200s, 1.33-1.51x in the bench (bench/results/train_throughput_H100.md, "
+                         "ZeRO-3 on 4 H200s, 1.33-1.51x in the bench, both with the 2e8 prefetch shipped then (bench/results/train_throughput_H100.md, "
                          "zero3_compile_H200x4.md); under DeepSpeed it needs ZeRO-3 and gradient_checkpointing (auto stays "
                          "eager without them)"})
     engine: str = field(default="auto", metadata={"help": "auto (deepspeed if train.deepspeed is set), single, deepspeed, fsdp2 (under torchrun)"})

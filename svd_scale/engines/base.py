@@ -108,14 +108,18 @@ class Engine:
         return False
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, forward_only: bool = False) -> int:
     """``torch.compile`` each decoder layer (regional compilation, as torchtune and torchtitan do):
     one compiled graph serves every layer, so compile time does not grow with depth. On the GPU the
     adapter's small ops are launch-bound in eager mode and compiling fuses them
-    (bench/results/train_throughput_H100.md)."""
+    (bench/results/train_throughput_H100.md). ``forward_only``: compile the layer's ``forward``, not
+    ``Module.__call__``, so hooks around it stay eager (ZeRO-3's, ``zero3.compile_forwards``)."""
     from ..inject import decoder_layers
 
     blocks = decoder_layers(model)
     for block in blocks:
-        block.compile()
+        if forward_only:
+            block.forward = torch.compile(block.forward)
+        else:
+            block.compile()
     return len(blocks)
