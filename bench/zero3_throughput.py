@@ -33,7 +33,9 @@ gathered parameter that its trace reuses within this many values, 1e9 by default
 7B peak, the prefetch bucket did, see bench/results/zero3_memory_H200x4.md), ``mpersist[:4e9]`` (``stage3_model_persistence_threshold``: at most
 this many values persistent in all; with ``persist:2e7`` the 4-bit codes of a 7B model (about 1.6e9 bf16 values)
 stay whole on every rank), ``mel[:0]`` (``memory_efficient_linear``: 0 keeps torch's own ``F.linear``
-instead of DeepSpeed's Python autograd wrapper), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
+instead of DeepSpeed's Python autograd wrapper), ``whole[:1000]`` (svd_scale rows: the frozen residuals of the first layers totalling at most that many GiB kept whole
+on every rank, outside ZeRO-3, ``ZeRO3Access(replicate_residual_gib=...)``; the launch path's default is a quarter of
+the GPU's memory; without the token every residual is partitioned), ``norepl`` (svd_scale rows: the adapters' frozen U, V, sigma0 stay
 ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``), ``compile`` (``torch.compile``
 each decoder layer's ``forward`` after ``deepspeed.initialize``: DeepSpeed's fetch/release hooks, which
 run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked; add ``mel`` with it, as train.compile does: DeepSpeed's ``F.linear`` wrapper makes dynamo guard on each
@@ -96,7 +98,8 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
 
 
 SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
-                    "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None, "reuse": 0}
+                    "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None, "reuse": 0,
+                    "whole": 1000}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
                 "reuse": "stage3_max_reuse_distance",
                 "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
@@ -164,8 +167,12 @@ def build(row: str, path: Path, ds: dict, setting: str = "shipped"):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
     cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
                                   quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
-    gib = 0.0 if "norepl" in parse_setting(setting) else 2.0  # norepl: U, V, sigma0 stay ZeRO-3 parameters
-    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds, replicate_frozen_gib=gib))
+    tokens = parse_setting(setting)
+    gib = 0.0 if "norepl" in tokens else 2.0  # norepl: U, V, sigma0 stay ZeRO-3 parameters
+    # whole[:GiB]: the frozen residuals of the first layers totalling GiB kept whole on every rank (the launch
+    # path's default: a quarter of the GPU); without it every residual is partitioned, as before that default
+    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds, replicate_frozen_gib=gib,
+                                                          replicate_residual_gib=tokens.get("whole", 0)))
 
 
 def _peak(cuda: bool) -> float:

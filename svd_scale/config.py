@@ -234,6 +234,12 @@ class TrainConfig:
                                                         "U, V, sigma0 whole on every rank, outside ZeRO-3, while they total at most "
                                                         "this many GiB (fewer tensors re-gathered each step); null: 2, or 0 when "
                                                         "the DeepSpeed config offloads parameters"})
+    zero3_replicate_residual_gib: Optional[float] = field(default=None, metadata={"help": "ZeRO-3: keep the adapted "
+                                                          "layers' frozen residual (4-bit codes or 16-bit weight) whole on every "
+                                                          "rank, outside ZeRO-3, for the first layers that total at most this many "
+                                                          "GiB; the rest stays partitioned (no per-layer gathers for those kept: "
+                                                          "faster, more memory per GPU); null: a quarter of the GPU's memory, 0 on "
+                                                          "CPU or when the DeepSpeed config offloads parameters"})
     eval_examples: int = field(default=300, metadata={"help": "held-out test examples scored before and after training (0: skip)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the base model before training"})
     overwrite: bool = field(default=False, metadata={"help": "write into an output_dir that holds another run's results "
@@ -286,6 +292,9 @@ class TrainConfig:
         _positive("train.eval_steps", self.eval_steps, allow_zero=True)
         _check_hf_args(self.hf_args)
         _positive("train.nan_skip_limit", self.nan_skip_limit, allow_zero=True)
+        for name in ("zero3_replicate_frozen_gib", "zero3_replicate_residual_gib"):
+            if getattr(self, name) is not None:
+                _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if self.nan_policy == "skip" and self.resolved_engine() == "deepspeed":
             raise ValueError("train.nan_policy=skip is not supported with DeepSpeed (its optimizer steps inside backward, "
                              "before the loss can be checked on every rank); use nan_policy=stop")

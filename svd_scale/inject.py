@@ -189,17 +189,24 @@ def mark_trainable(model: nn.Module) -> None:
                 p.requires_grad_(True)
 
 
+#: on a base layer: the names of its frozen parameters that an engine keeps as buffers instead (still counted)
+WHOLE_ATTR = "svd_scale_kept_as_buffers"
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting sharded parameters at full size and a 4-bit
-    residual at its logical size (as PEFT and bitsandbytes report), and the adapters' frozen tensors
-    also where an engine keeps them as buffers (ZeRO-3), so every engine reports the same total."""
+    residual at its logical size (as PEFT and bitsandbytes report), and the adapters' frozen tensors and
+    residuals also where an engine keeps them as buffers (ZeRO-3), so every engine reports the same total."""
     trainable = total = 0
     for p in model.parameters():
         n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     params = {id(p) for p in model.parameters()}
-    total += sum(t.numel() for _, layer in adapter_layers(model) for t in layer.tensors().values() if id(t) not in params)
+    for _, layer in adapter_layers(model):
+        total += sum(t.numel() for t in layer.tensors().values() if id(t) not in params)
+        # a residual's parameters that an engine keeps as buffers (engines/zero3.keep_whole names them)
+        total += sum(logical_numel(getattr(layer.base_layer, n)) for n in getattr(layer.base_layer, WHOLE_ATTR, ()))
     return trainable, total
 
 

@@ -51,7 +51,8 @@ RESUMABLE = ("train.max_steps", "train.output_dir", "train.save_steps", "train.l
              "train.resume_check", "train.compile", "train.deepspeed", "train.engine", "train.nan_policy",
              "train.nan_skip_limit", "train.gradient_checkpointing", "train.eval_steps", "train.report_to",
              "train.run_name", "train.hf_args", "train.num_epochs", "train.packing", "eval_data", "eval_data_split",
-             "eval_fraction", "data_num_proc", "data_cache", "train.zero3_replicate_frozen_gib")  # train.engine: the engine itself is compared (below)
+             "eval_fraction", "data_num_proc", "data_cache", "train.zero3_replicate_frozen_gib",
+             "train.zero3_replicate_residual_gib")  # train.engine: the engine itself is compared (below)
 
 
 class SVDTrainer(Trainer):

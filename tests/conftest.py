@@ -63,14 +63,14 @@ def assert_same_adapter(dir_a, dir_b, atol: float, rtol: float) -> None:
         torch.testing.assert_close(y[k], x[k], atol=atol, rtol=rtol)
 
 
-def assert_resumed_like_uninterrupted(full: dict, resumed: dict, rel: float) -> None:
-    """A run resumed from checkpoint-5 logs the uninterrupted run's losses at steps 6-10
+def assert_resumed_like_uninterrupted(full: dict, resumed: dict, rel: float, at: int = 5, end: int = 10) -> None:
+    """A run resumed from checkpoint-``at`` logs the uninterrupted run's losses at steps ``at+1``..``end``
     (``metrics.json`` dicts of training.run)."""
     import pytest
 
-    assert resumed["resumed_from"].endswith("checkpoint-5")
+    assert resumed["resumed_from"].endswith(f"checkpoint-{at}")
     a, b = dict(full["losses"]), dict(resumed["losses"])
-    for step in range(6, 11):
+    for step in range(at + 1, end + 1):
         assert b[step] == pytest.approx(a[step], rel=rel), step
 
 

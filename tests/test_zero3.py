@@ -261,6 +261,9 @@ def test_resume_reproduces_the_uninterrupted_run(world2):
     resumed = json.loads((out / "train" / "metrics.json").read_text())
     marker = json.loads((out / "train" / "checkpoint-5" / "svd_scale_checkpoint.json").read_text())
     assert marker["zero3_frozen"] == "parameters" and "zero3_replicated_frozen_mib" not in resumed
+    # the resumed run also kept every 16-bit residual whole on every rank (train.zero3_replicate_residual_gib=100),
+    # where the checkpoint's run had them partitioned (0, the default on CPU)
+    assert full["zero3_whole_residual_layers"] == 0 and resumed["zero3_whole_residual_layers"] > 0
     assert_resumed_like_uninterrupted(full, resumed, rel=1e-6)
     assert_same_adapter(out / "adapter_uninterrupted", out / "train" / "adapter", atol=1e-6, rtol=1e-6)
 
@@ -384,18 +387,29 @@ def test_every_method_under_zero3_matches_one_process(world2, model_dir, method)
         assert facts["reg"] == pytest.approx(float(reg.detach()), rel=1e-5, abs=1e-8)
 
 
-def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_process(world2, model_dir):
+@pytest.mark.parametrize("tag", ["nf4", "nf4_whole"])
+def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_process(world2, model_dir, tag):
+    """``nf4``: every 4-bit residual partitioned. ``nf4_whole``: a budget of half the codes' bytes
+    (``ZeRO3Access(replicate_residual_gib=...)``): the first layers' codes are whole buffers on every rank, the
+    others partitioned -- the same model either way."""
     from transformers import AutoModelForCausalLM
     from svd_scale.io import adapter_state_dict
     sys.path.insert(0, str(JOB.parent))
     from zero3_job import METHOD_BATCH
 
     world, out = world2
-    facts = [json.loads((out / f"nf4_rank{r}.json").read_text()) for r in range(world)]
-    state = [load_file(str(out / f"nf4_rank{r}.safetensors")) for r in range(world)]
+    facts = [json.loads((out / f"{tag}_rank{r}.json").read_text()) for r in range(world)]
+    state = [load_file(str(out / f"{tag}_rank{r}.safetensors")) for r in range(world)]
     for f in facts:  # the 4-bit residual is partitioned like any bf16 tensor, never cast
         assert f["local4"] <= f["total4"] / world + 64 and f["weight_dtypes"] == ["torch.bfloat16"]
-    for k in state[0]:  # quant_state (absmax, code), logits and the stepped adapter agree on every rank
+        if tag == "nf4":
+            assert f["whole"] == [] and f["partitioned_layers"] == f["layers"]
+        else:  # within the budget, in layer order; the rest partitioned
+            assert 0 < len(f["whole"]) < f["layers"] and len(f["whole"]) + f["partitioned_layers"] == f["layers"]
+            all4 = json.loads((out / "nf4_rank0.json").read_text())["total4"]  # every layer's codes (bf16 values)
+            assert f["whole_bytes"] + 2 * f["total4"] == 2 * all4 and f["whole_bytes"] <= all4  # the budget: half
+            assert f["whole"] == facts[0]["whole"]
+    for k in state[0]:  # codes kept whole, quant_state (absmax, code), logits and the stepped adapter agree on every rank
         assert torch.equal(state[1][k], state[0][k]), k
     ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                           svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1))
@@ -412,6 +426,18 @@ def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_proce
     opt.step()
     for k, v in adapter_state_dict(ref).items():
         torch.testing.assert_close(state[0]["after." + k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_an_nf4_zero3_checkpoint_resumes_with_its_residual_in_another_layout(world2):
+    """DeepSpeed's checkpoint holds bitsandbytes' quant-state entries and (empty) partitioned codes, and transformers
+    loads it strictly: before, every NF4 --resume under ZeRO-3 failed ("Unexpected key(s) ... weight.absmax"). The
+    checkpoint's run partitioned the codes, the resumed run keeps them all whole on every rank."""
+    _, out = world2
+    full = json.loads((out / "nf4_metrics_uninterrupted.json").read_text())
+    resumed = json.loads((out / "nf4_train" / "metrics.json").read_text())
+    assert full["zero3_whole_residual_layers"] == 0 and full["zero3_whole_residual_mib"] == 0
+    assert resumed["zero3_whole_residual_layers"] > 0 and resumed["zero3_whole_residual_mib"] > 0
+    assert_resumed_like_uninterrupted(full, resumed, rel=1e-6, at=2, end=4)
 
 
 def test_a_zero3_checkpoint_is_stamped_with_its_run_and_refused_by_another_engine(world2):

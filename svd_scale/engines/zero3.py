@@ -62,12 +62,19 @@ def _hf_ds_config() -> Optional[dict]:
 class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
-    def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None, replicate_frozen_gib: float = 2.0):
+    def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None, replicate_frozen_gib: float = 2.0,
+                 replicate_residual_gib: Optional[float] = None):
         self.max_group = max_group
         self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
         self.replicate_frozen_gib = replicate_frozen_gib
+        #: budget for residuals kept whole (:meth:`_keep_whole`); None: :func:`residual_budget_gib`'s default
+        self.replicate_residual_gib = (residual_budget_gib(self.ds_config) if replicate_residual_gib is None
+                                       else float(replicate_residual_gib))
         self.peak_gathered_numel = 0
         self.replicated_bytes = 0
+        self.whole_residual_bytes = 0  # residuals kept whole on every rank (outside ZeRO-3)
+        self.whole_residual_layers = 0
+        self.partitioned_residual_layers = 0
 
     @classmethod
     def detect(cls, model: torch.nn.Module) -> bool:
@@ -143,8 +150,11 @@ class ZeRO3Access(WeightAccess):
                         with deepspeed.zero.GatheredParameters([layer.base_layer.weight], modifier_rank=owner):
                             if owner == rank:
                                 layer.storage.build(layer.base_layer, stored_residual(layer, W), layer.compute_dtype)
+                        if self._fits(layer.base_layer):
+                            keep_whole(layer.base_layer)
                     else:
                         self._write_stored(layer, W, owner, rank)
+                layer.base_layer.register_load_state_dict_pre_hook(_residual_from_init)
 
     def _write_stored(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
         """A residual in another storage (4-bit): the owner builds it once and broadcasts it whole
@@ -158,8 +168,77 @@ class ZeRO3Access(WeightAccess):
         dist.broadcast_object_list(payload, src=owner)
         new = layer.storage.from_payload(layer.base_layer, (layer.out_features, layer.in_features), payload[0],
                                          layer.compute_dtype)
-        deepspeed.zero.Init(module=new, config_dict_or_path=self.ds_config, dtype=layer.storage.shard_dtype)
+        if self._fits(new):
+            keep_whole(new)
+        else:
+            deepspeed.zero.Init(module=new, config_dict_or_path=self.ds_config, dtype=layer.storage.shard_dtype)
         layer.base_layer = new
+
+    def _fits(self, module: torch.nn.Module) -> bool:
+        """Whether ``module``'s frozen residual is kept whole on every rank: while the residuals kept so total at
+        most ``replicate_residual_gib`` (layers are taken in order, so a partial budget keeps the first ones whole;
+        every rank decides alike, from sizes alone)."""
+        nbytes = sum(_whole_numel(p) * p.element_size() for p in module.parameters())
+        if self.whole_residual_bytes + nbytes > self.replicate_residual_gib * 2**30:
+            self.partitioned_residual_layers += 1
+            return False
+        self.whole_residual_bytes += nbytes
+        self.whole_residual_layers += 1
+        return True
+
+
+def residual_budget_gib(ds_config: Optional[dict]) -> float:
+    """The default budget for frozen residuals kept whole on every rank (``ZeRO3Access(replicate_residual_gib=None)``,
+    ``train.zero3_replicate_residual_gib: null``): a quarter of this GPU's memory -- a 7B model's NF4 codes (3.3 GiB)
+    on any GPU of 16 GB or more, not a 70B model's (33 GiB) on an 80 GB one, whose first layers then are; 0 on CPU
+    (nothing to gain there, and the tests keep ZeRO-3's own layout) and when the DeepSpeed config offloads parameters
+    (they would move from host memory into every GPU)."""
+    offload = ((ds_config or {}).get("zero_optimization", {}).get("offload_param") or {}).get("device", "none")
+    if offload not in (None, "none") or not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 4 / 2**30
+
+
+def _whole_numel(p: torch.Tensor) -> int:
+    return p.ds_numel if is_zero3_param(p) else p.numel()
+
+
+def keep_whole(module: torch.nn.Module) -> None:
+    """Turn a residual module's frozen parameters into non-persistent buffers holding their whole value, on every
+    rank: ZeRO-3 then never partitions, gathers or releases them, and DeepSpeed's per-layer fetch of a decoder layer
+    finds nothing to gather (the adapter trains 1.4 M values of a 7B model; nearly all of ZeRO-3's per-step work was
+    fetching these frozen codes, bench/results/perf_notes.md). Each rank holds the same value: the owner's residual,
+    broadcast by the init. Not in checkpoints (non-persistent): ``--resume`` recomputes it, as for a partitioned one."""
+    from ..inject import WHOLE_ATTR
+
+    kept = []
+    for name, p in list(module._parameters.items()):
+        if p is None:
+            continue
+        kept.append(name)
+        if is_zero3_param(p):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                whole = p.data.clone()
+        else:
+            whole = p
+        del module._parameters[name]
+        module.register_buffer(name, whole, persistent=False)
+    setattr(module, WHOLE_ATTR, tuple(kept))  # parameter_counts still counts them
+
+
+def _residual_from_init(module, state_dict, prefix, *_):
+    """``load_state_dict`` pre-hook of each residual module under ZeRO-3 (``--resume``). DeepSpeed's checkpoint holds
+    the module state as it was saved -- partitioned residuals as empty tensors, bitsandbytes' quant-state entries
+    (``weight.absmax``, ...) that no module accepts back, nothing for residuals kept whole -- and transformers loads it
+    strictly. The init has already recomputed the residual (the same base, the same decomposition: the factors are
+    compared, :func:`check_resumed_factors`), so what the checkpoint holds for it is replaced by the module's own
+    tensors, whichever layout either run used."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    own = {**module._parameters, **{n: b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set}}
+    state_dict.update({prefix + n: t for n, t in own.items() if t is not None})
 
 
 def replicate_frozen(layers, budget_gib: float) -> int:
@@ -520,8 +599,11 @@ class ZeRO3Engine(Engine):
         tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))
         if adapt:
             return adapt(model), tok
-        access = ZeRO3Access(ds_config=ds, replicate_frozen_gib=self.replicate_gib()) if stage3 else None
+        access = ZeRO3Access(ds_config=ds, replicate_frozen_gib=self.replicate_gib(),
+                             replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib) if stage3 else None
         model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
+        if access is not None:
+            self._say_residual_layout(access)
         if access is not None and access.replicated_bytes:
             self.notes["zero3_replicated_frozen_mib"] = round(access.replicated_bytes / 2**20, 1)
             if self.resume_checkpoint:
@@ -535,6 +617,18 @@ class ZeRO3Engine(Engine):
             self.notes["zero3_leaf_modules"] = set_leaf_modules(model)
             say(f"ZeRO-3: every {self.notes['zero3_leaf_modules']} is a leaf module (fetched whole, one hook pair)")
         return model, tok
+
+    def _say_residual_layout(self, access: "ZeRO3Access") -> None:
+        whole, parted = access.whole_residual_layers, access.partitioned_residual_layers
+        self.notes["zero3_whole_residual_layers"] = whole
+        self.notes["zero3_whole_residual_mib"] = round(access.whole_residual_bytes / 2**20, 3)
+        budget = (f"train.zero3_replicate_residual_gib={access.replicate_residual_gib:g}"
+                  if self.cfg.train.zero3_replicate_residual_gib is not None else
+                  f"a budget of {access.replicate_residual_gib:.1f} GiB: a quarter of the GPU's memory, "
+                  "0 on CPU or with parameter offload; train.zero3_replicate_residual_gib sets it")
+        say(f"ZeRO-3: the frozen residual of {whole} of {whole + parted} adapted layers "
+            f"({access.whole_residual_bytes / 2**20:,.1f} MiB) is kept whole on every rank, outside ZeRO-3"
+            + (f", the other {parted} partitioned" if parted and whole else "") + f" ({budget})")
 
     def settle(self, trainer) -> None:
         settle(trainer.model_wrapped)

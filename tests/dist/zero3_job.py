@@ -92,23 +92,31 @@ def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
         engine.destroy()
 
 
-def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
-    """NF4 residual under ZeRO-3: partitioned 4-bit codes, identical quant_state, one step."""
+def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: float = 0.0, tag: str = "nf4") -> int:
+    """NF4 residual under ZeRO-3: partitioned 4-bit codes (or, within ``whole_gib``, the first layers' codes whole
+    on every rank, outside ZeRO-3), identical quant_state, one step."""
     from svd_scale.quant.nf4 import is_4bit
 
     with zero3_loading(DS, torch.float32):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # T=1: the pytest side compares with one process, and refinement re-quantizes T times, which
     # amplifies LAPACK's thread-count rounding (the job runs 1 thread) into flipped 4-bit codes
-    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1))
+    access = ZeRO3Access(replicate_residual_gib=whole_gib)
+    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1), access=access)
     layers = list(svd_scale.adapter_layers(model))
     states = {}
     local4 = total4 = 0
+    whole = []
     for name, l in layers:
         w = l.base_layer.weight
-        assert is_4bit(l.base_layer) and hasattr(w, "ds_id"), name
-        local4 += w.ds_tensor.numel()
-        total4 += w.ds_numel
+        assert is_4bit(l.base_layer), name
+        if hasattr(w, "ds_id"):
+            local4 += w.ds_tensor.numel()
+            total4 += w.ds_numel
+        else:  # kept whole: a buffer that ZeRO-3 never sees
+            assert "weight" in l.base_layer._buffers and not list(l.base_layer.parameters()), name
+            whole.append(name)
+            states[f"{name}.codes"] = w.data.view(torch.int16).cpu().clone()  # compared across ranks
         qs = w.quant_state
         states[f"{name}.absmax"] = qs.absmax.float().cpu()
         states[f"{name}.code"] = qs.code.float().cpu()
@@ -124,11 +132,30 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
     engine.step()
     after = adapter_state_dict(model)
     save_file({**states, **{"after." + k: v for k, v in after.items()}, "logits": logits},
-              str(out / f"nf4_rank{rank}.safetensors"))
+              str(out / f"{tag}_rank{rank}.safetensors"))
     dtypes = sorted({str(l.base_layer.weight.dtype) for _, l in layers})
-    (out / f"nf4_rank{rank}.json").write_text(json.dumps({"local4": local4, "total4": total4, "loss": float(loss),
-                                                          "weight_dtypes": dtypes}))
+    (out / f"{tag}_rank{rank}.json").write_text(json.dumps({
+        "local4": local4, "total4": total4, "loss": float(loss), "weight_dtypes": dtypes, "whole": whole,
+        "layers": len(layers), "whole_bytes": access.whole_residual_bytes,
+        "partitioned_layers": access.partitioned_residual_layers}))
     engine.destroy()
+    return total4
+
+
+def nf4_resume(model_dir: str, out: Path, world: int) -> None:
+    """Through the launch path: 4 steps with the NF4 residual partitioned, a checkpoint at step 2, and a
+    ``--resume`` from it with every residual kept whole (another layout than the checkpoint's): DeepSpeed's
+    strict module load must take it, and the losses must be the uninterrupted run's."""
+    common = [f"model={model_dir}", "rank=8", "adapter.quant=nf4", "adapter.quant_iters=1", "train.eval_examples=0",
+              "train.logging_steps=1", "train.max_length=48", f"train.batch_size={GLOBAL_BATCH // world}",
+              "train.lr=1e-2", "train.max_steps=4", "train.save_steps=2", f"train.output_dir={out / 'nf4_train'}",
+              "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
+    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=0")))
+    if dist.get_rank() == 0:
+        shutil.copy(out / "nf4_train" / "metrics.json", out / "nf4_metrics_uninterrupted.json")
+        shutil.rmtree(out / "nf4_train" / "checkpoint-4")
+    dist.barrier()
+    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=100")), resume=True)
 
 
 USER_STEPS = 3
@@ -286,7 +313,9 @@ def train(model_dir: str, out: Path, world: int, resume: bool, bf16: bool, resum
             shutil.copy(run_dir / "metrics.json", out / "metrics_uninterrupted.json")
             shutil.rmtree(run_dir / "checkpoint-10")
         dist.barrier()
-        run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}")), resume=True)
+        # ... and keeps every (16-bit) residual whole on every rank, where the checkpoint's run partitioned them
+        run(load_config(None, (*common, "train.max_steps=10", "train.save_steps=5", f"train.output_dir={run_dir}",
+                               *(("train.zero3_replicate_residual_gib=100",) if not only_resume else ()))), resume=True)
     svd_scale.data.encode = encode
     (out / f"tokenize_rank{dist.get_rank()}.json").write_text(json.dumps({"first_run": first, "resumed_run": calls[0] - first}))
     if only_resume:
@@ -368,7 +397,10 @@ def main():
     if a.methods:
         method_checks(a.model, out, rank, world)
     if a.nf4:
-        nf4_checks(a.model, out, rank, world)
+        total4 = nf4_checks(a.model, out, rank, world)
+        # a budget of half the codes' bytes (bf16 storage, 2 bytes a value): the first layers whole, the rest partitioned
+        nf4_checks(a.model, out, rank, world, whole_gib=total4 * 2 / 2 / 2**30, tag="nf4_whole")
+        nf4_resume(a.model, out, world)
     if a.train:
         train(a.model, out, world, a.resume, a.bf16, a.resume_from)
     dist.barrier()
