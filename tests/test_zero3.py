@@ -498,3 +498,23 @@ def test_a_second_node_reads_the_first_nodes_tokenized_cache(two_nodes):
     n = len(load_splits("builtin:rotten_tomatoes").train)
     counts = [json.loads((out / f"tokenize_rank{r}.json").read_text()) for r in (0, 1)]
     assert counts == [{"first_run": n, "resumed_run": 0}, {"first_run": 0, "resumed_run": 0}]
+
+
+def test_the_residual_budget_is_a_quarter_of_the_gpu_and_zero_on_cpu_or_with_offload(monkeypatch):
+    """``ZeRO3Access()``'s default budget for residuals kept whole (what ``svd_scale.apply`` uses in a user's script
+    and ``train.zero3_replicate_residual_gib: null`` in the launch path)."""
+    from types import SimpleNamespace
+
+    from svd_scale.engines.zero3 import ZeRO3Access, residual_budget_gib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert residual_budget_gib({}) == 0.0 and ZeRO3Access(ds_config={}).replicate_residual_gib == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    assert residual_budget_gib({"zero_optimization": {"stage": 3}}) == 20.0
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert residual_budget_gib(offload) == 0.0
+    assert ZeRO3Access(ds_config=offload, replicate_residual_gib=3).replicate_residual_gib == 3.0  # an explicit value wins
+    with pytest.raises(ValueError, match=r"train.zero3_replicate_residual_gib must be a non-negative number, got -1"):
+        load_config(None, ("model=m", "data=d", "train.zero3_replicate_residual_gib=-1"))

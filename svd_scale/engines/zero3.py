@@ -15,8 +15,12 @@ so that every rank holds only its shard of each weight:
    it in place (same shape and dtype, as GatheredParameters requires) and the exit
    broadcasts and re-partitions it.
 
+4. Within a budget (``replicate_residual_gib``, default a quarter of the GPU), a layer's new residual is kept
+   whole on every rank as buffers outside ZeRO-3 (:func:`keep_whole`) instead of being partitioned: the adapters
+   train almost nothing, so ZeRO-3's per-step work was nearly all gathering these frozen codes.
+
 Bound: during init a rank holds at most G full weights (step 2) plus one fp32 copy of
-its own weight and the SVD's workspace, on top of its shards; ``peak_gathered_numel``
+its own weight and the SVD's workspace, on top of its shards and the residuals kept whole; ``peak_gathered_numel``
 records the largest number of gathered elements at once, and the tests check it. The
 adapter tensors (``r * (out + in)`` per layer, ~1.5% of a 7B model at r=64) stay whole
 on every rank until ``deepspeed.initialize`` partitions them.
