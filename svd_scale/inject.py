@@ -26,7 +26,7 @@ from torch import nn
 from . import svd as svdlib
 from .access import WeightAccess, access_for
 from .config import AdapterConfig
-from .layer import AdapterLayer, Role, TrainingState, is_linear_like, logical_shape, math_dtype
+from .layer import WHOLE_ATTR, AdapterLayer, Role, TrainingState, is_linear_like, logical_shape, math_dtype
 from .losses import attach_regularizer
 from .methods import get_method
 from .quant import logical_numel
@@ -189,10 +189,6 @@ def mark_trainable(model: nn.Module) -> None:
                 p.requires_grad_(True)
 
 
-#: on a base layer: the names of its frozen parameters that an engine keeps as buffers instead (still counted)
-WHOLE_ATTR = "svd_scale_kept_as_buffers"
-
-
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting sharded parameters at full size and a 4-bit
     residual at its logical size (as PEFT and bitsandbytes report), and the adapters' frozen tensors and
@@ -205,7 +201,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     params = {id(p) for p in model.parameters()}
     for _, layer in adapter_layers(model):
         total += sum(t.numel() for t in layer.tensors().values() if id(t) not in params)
-        # a residual's parameters that an engine keeps as buffers (engines/zero3.keep_whole names them)
+        # a residual's parameters that an engine keeps as buffers (layer.WHOLE_ATTR names them)
         total += sum(logical_numel(getattr(layer.base_layer, n)) for n in getattr(layer.base_layer, WHOLE_ATTR, ()))
     return trainable, total
 

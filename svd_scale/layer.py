@@ -67,6 +67,23 @@ def from_out_in(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
     return W.t().contiguous() if is_conv1d(module) else W
 
 
+#: on a base layer: the names of its frozen parameters that an engine keeps as (non-persistent) buffers instead,
+#: whole on every rank (ZeRO-3, ``engines/zero3.keep_whole``); still counted, and made parameters again by a merge
+WHOLE_ATTR = "svd_scale_kept_as_buffers"
+
+
+def parameters_back(module: nn.Module) -> nn.Module:
+    """Make the buffers an engine kept in place of ``module``'s frozen parameters (:data:`WHOLE_ATTR`) parameters
+    again, so a merged layer's weight is in ``state_dict()`` / ``save_pretrained`` like any other."""
+    for name in getattr(module, WHOLE_ATTR, ()):
+        t = module._buffers.pop(name)
+        module._non_persistent_buffers_set.discard(name)
+        module.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False))
+    if hasattr(module, WHOLE_ATTR):
+        delattr(module, WHOLE_ATTR)
+    return module
+
+
 def math_dtype(W: torch.Tensor) -> torch.Tensor:
     """Init and merge math runs in fp32 -- or float64 for a float64 model (the tests' exact reference)."""
     return W if W.dtype == torch.float64 else W.float()

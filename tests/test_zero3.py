@@ -408,7 +408,7 @@ def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_proce
             assert 0 < len(f["whole"]) < f["layers"] and len(f["whole"]) + f["partitioned_layers"] == f["layers"]
             all4 = json.loads((out / "nf4_rank0.json").read_text())["total4"]  # every layer's codes (bf16 values)
             assert f["whole_bytes"] + 2 * f["total4"] == 2 * all4 and f["whole_bytes"] <= all4  # the budget: half
-            assert f["whole"] == facts[0]["whole"]
+            assert f["whole"] == facts[0]["whole"] == f["names"][:len(f["whole"])]  # the first layers, in order
     for k in state[0]:  # codes kept whole, quant_state (absmax, code), logits and the stepped adapter agree on every rank
         assert torch.equal(state[1][k], state[0][k]), k
     ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
@@ -428,15 +428,19 @@ def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_proce
         torch.testing.assert_close(state[0]["after." + k], v, atol=1e-5, rtol=1e-4)
 
 
-def test_an_nf4_zero3_checkpoint_resumes_with_its_residual_in_another_layout(world2):
-    """DeepSpeed's checkpoint holds bitsandbytes' quant-state entries and (empty) partitioned codes, and transformers
-    loads it strictly: before, every NF4 --resume under ZeRO-3 failed ("Unexpected key(s) ... weight.absmax"). The
-    checkpoint's run partitioned the codes, the resumed run keeps them all whole on every rank."""
+def test_an_nf4_zero3_checkpoint_resumes_and_keeps_the_residuals_it_kept_whole(world2):
+    """DeepSpeed's checkpoint holds bitsandbytes' quant-state entries, and transformers loads it strictly: before,
+    every NF4 --resume under ZeRO-3 failed ("Unexpected key(s) ... weight.absmax"). The checkpoint's run kept the
+    codes whole on every rank (the GPU default's layout); the resumed run, asked for a budget of 0, still keeps
+    those whole, as its checkpoint marker says (DeepSpeed would look for their shards in the checkpoint). (The
+    16-bit resume test goes from partitioned to whole.)"""
     _, out = world2
     full = json.loads((out / "nf4_metrics_uninterrupted.json").read_text())
     resumed = json.loads((out / "nf4_train" / "metrics.json").read_text())
-    assert full["zero3_whole_residual_layers"] == 0 and full["zero3_whole_residual_mib"] == 0
-    assert resumed["zero3_whole_residual_layers"] > 0 and resumed["zero3_whole_residual_mib"] > 0
+    marker = json.loads((out / "nf4_train" / "checkpoint-2" / "svd_scale_checkpoint.json").read_text())
+    assert full["zero3_whole_residual_layers"] > 0 and full["zero3_whole_residual_mib"] > 0
+    assert marker["zero3_whole_residual_layers"] == full["zero3_whole_residual_layers"]
+    assert resumed["zero3_whole_residual_layers"] == full["zero3_whole_residual_layers"]
     assert_resumed_like_uninterrupted(full, resumed, rel=1e-6, at=2, end=4)
 
 
@@ -505,11 +509,15 @@ def test_the_residual_budget_is_a_quarter_of_the_gpu_and_zero_on_cpu_or_with_off
     and ``train.zero3_replicate_residual_gib: null`` in the launch path)."""
     from types import SimpleNamespace
 
+    import svd_scale.engines.zero3 as z3
     from svd_scale.engines.zero3 import ZeRO3Access, residual_budget_gib
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert residual_budget_gib({}) == 0.0 and ZeRO3Access(ds_config={}).replicate_residual_gib == 0.0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(z3, "_accelerator_is_cuda", lambda: False)  # DS_ACCELERATOR=cpu on a GPU host
+    assert residual_budget_gib({}) == 0.0
+    monkeypatch.setattr(z3, "_accelerator_is_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
     assert residual_budget_gib({"zero_optimization": {"stage": 3}}) == 20.0
@@ -518,3 +526,33 @@ def test_the_residual_budget_is_a_quarter_of_the_gpu_and_zero_on_cpu_or_with_off
     assert ZeRO3Access(ds_config=offload, replicate_residual_gib=3).replicate_residual_gib == 3.0  # an explicit value wins
     with pytest.raises(ValueError, match=r"train.zero3_replicate_residual_gib must be a non-negative number, got -1"):
         load_config(None, ("model=m", "data=d", "train.zero3_replicate_residual_gib=-1"))
+
+
+def test_residuals_kept_as_buffers_are_counted_and_merge_back_into_parameters():
+    """A residual kept whole as buffers (what ``keep_whole`` does under ZeRO-3) still counts in the model's total,
+    and ``merge_and_unload`` makes it a parameter again: a merged model saved with ``state_dict()`` must not lose
+    the weight (a non-persistent buffer is not saved)."""
+    from conftest import tiny_llama
+
+    from svd_scale.engines.zero3 import keep_whole
+    from svd_scale.inject import parameter_counts
+    from svd_scale.io import merge_and_unload
+
+    model = svd_scale.apply(tiny_llama(), svd_scale.AdapterConfig(rank=4, svd="full"))
+    before = parameter_counts(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in svd_scale.adapter_layers(model):
+            layer.sigma_delta.normal_(0, 0.1)  # a trained-looking adapter, so merging changes the weights
+            keep_whole(layer.base_layer)
+    assert parameter_counts(model) == before
+    name, layer = next(svd_scale.adapter_layers(model))
+    assert "weight" in layer.base_layer._buffers and f"{name}.base_layer.weight" not in model.state_dict()
+    x = torch.tensor([[5, 17, 30, 42, 7, 99, 100, 3]])
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        merged = merge_and_unload(model)
+        torch.testing.assert_close(merged(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
+    state = merged.state_dict()
+    assert isinstance(merged.get_submodule(name).weight, torch.nn.Parameter) and f"{name}.weight" in state
+    torch.testing.assert_close(state[f"{name}.weight"], merged.get_submodule(name).weight.detach())

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..access import WeightAccess, load_tensors, register_access, stored_residual, world
-from ..layer import math_dtype, to_out_in
+from ..layer import WHOLE_ATTR, math_dtype, to_out_in
 from .base import Engine, load_model, load_tokenizer, model_dtype, say
 
 
@@ -67,13 +67,15 @@ class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
     def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None, replicate_frozen_gib: float = 2.0,
-                 replicate_residual_gib: Optional[float] = None):
+                 replicate_residual_gib: Optional[float] = None, min_whole_layers: int = 0):
         self.max_group = max_group
         self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
         self.replicate_frozen_gib = replicate_frozen_gib
         #: budget for residuals kept whole (:meth:`_keep_whole`); None: :func:`residual_budget_gib`'s default
         self.replicate_residual_gib = (residual_budget_gib(self.ds_config) if replicate_residual_gib is None
                                        else float(replicate_residual_gib))
+        #: the first this many residuals are kept whole whatever the budget (a resumed checkpoint kept them so)
+        self.min_whole_layers = min_whole_layers
         self.peak_gathered_numel = 0
         self.replicated_bytes = 0
         self.whole_residual_bytes = 0  # residuals kept whole on every rank (outside ZeRO-3)
@@ -130,6 +132,7 @@ class ZeRO3Access(WeightAccess):
     def run(self, layers, compute) -> None:
         import deepspeed
 
+        self.replicate_residual_gib = agreed_budget(self.replicate_residual_gib)
         rank, size = world()
         group_size = max(1, min(size, self.max_group))
         for g in range(0, len(layers), group_size):
@@ -179,11 +182,13 @@ class ZeRO3Access(WeightAccess):
         layer.base_layer = new
 
     def _fits(self, module: torch.nn.Module) -> bool:
-        """Whether ``module``'s frozen residual is kept whole on every rank: while the residuals kept so total at
-        most ``replicate_residual_gib`` (layers are taken in order, so a partial budget keeps the first ones whole;
-        every rank decides alike, from sizes alone)."""
+        """Whether ``module``'s frozen residual is kept whole on every rank: the layers are taken in order, and
+        kept while the residuals kept so far total at most ``replicate_residual_gib``; from the first one over it on,
+        every residual is partitioned -- except that the first ``min_whole_layers`` are always kept. Every rank
+        decides alike (sizes alone, and a budget agreed in :meth:`run`)."""
         nbytes = sum(_whole_numel(p) * p.element_size() for p in module.parameters())
-        if self.whole_residual_bytes + nbytes > self.replicate_residual_gib * 2**30:
+        over = self.partitioned_residual_layers or self.whole_residual_bytes + nbytes > self.replicate_residual_gib * 2**30
+        if over and self.whole_residual_layers >= self.min_whole_layers:
             self.partitioned_residual_layers += 1
             return False
         self.whole_residual_bytes += nbytes
@@ -193,14 +198,35 @@ class ZeRO3Access(WeightAccess):
 
 def residual_budget_gib(ds_config: Optional[dict]) -> float:
     """The default budget for frozen residuals kept whole on every rank (``ZeRO3Access(replicate_residual_gib=None)``,
-    ``train.zero3_replicate_residual_gib: null``): a quarter of this GPU's memory -- a 7B model's NF4 codes (3.3 GiB)
-    on any GPU of 16 GB or more, not a 70B model's (33 GiB) on an 80 GB one, whose first layers then are; 0 on CPU
-    (nothing to gain there, and the tests keep ZeRO-3's own layout) and when the DeepSpeed config offloads parameters
+    ``train.zero3_replicate_residual_gib: null``): a quarter of this GPU's memory -- a 7B model's NF4 codes (3.0 GiB)
+    on any GPU of 16 GB or more, not a 70B model's (about 32 GiB) on an 80 GB one, whose first layers then are; 0 on CPU
+    (nothing measured there; CPU runs keep ZeRO-3's own layout) and when the DeepSpeed config offloads parameters
     (they would move from host memory into every GPU)."""
     offload = ((ds_config or {}).get("zero_optimization", {}).get("offload_param") or {}).get("device", "none")
-    if offload not in (None, "none") or not torch.cuda.is_available():
+    if offload not in (None, "none") or not torch.cuda.is_available() or not _accelerator_is_cuda():
         return 0.0
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 4 / 2**30
+
+
+def _accelerator_is_cuda() -> bool:
+    """DeepSpeed's accelerator, not merely a visible GPU: ``DS_ACCELERATOR=cpu`` on a GPU host runs ZeRO-3 on CPU."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return False
+    return get_accelerator().device_name() == "cuda"
+
+
+def agreed_budget(gib: float) -> float:
+    """The smallest of the ranks' budgets: ranks on GPUs of different sizes (or MIG slices) must still keep the
+    same residuals whole, or their modules -- and the gathers that build them -- would differ. A collective."""
+    if world()[1] == 1:
+        return gib
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor([float(gib)], dtype=torch.float64, device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 def _whole_numel(p: torch.Tensor) -> int:
@@ -213,8 +239,6 @@ def keep_whole(module: torch.nn.Module) -> None:
     finds nothing to gather (the adapter trains 1.4 M values of a 7B model; nearly all of ZeRO-3's per-step work was
     fetching these frozen codes, bench/results/perf_notes.md). Each rank holds the same value: the owner's residual,
     broadcast by the init. Not in checkpoints (non-persistent): ``--resume`` recomputes it, as for a partitioned one."""
-    from ..inject import WHOLE_ATTR
-
     kept = []
     for name, p in list(module._parameters.items()):
         if p is None:
@@ -234,11 +258,13 @@ def keep_whole(module: torch.nn.Module) -> None:
 
 def _residual_from_init(module, state_dict, prefix, *_):
     """``load_state_dict`` pre-hook of each residual module under ZeRO-3 (``--resume``). DeepSpeed's checkpoint holds
-    the module state as it was saved -- partitioned residuals as empty tensors, bitsandbytes' quant-state entries
-    (``weight.absmax``, ...) that no module accepts back, nothing for residuals kept whole -- and transformers loads it
-    strictly. The init has already recomputed the residual (the same base, the same decomposition: the factors are
-    compared, :func:`check_resumed_factors`), so what the checkpoint holds for it is replaced by the module's own
-    tensors, whichever layout either run used."""
+    the module state as it was saved -- partitioned residuals as empty tensors, nothing for the codes of residuals
+    kept whole, and for every 4-bit one bitsandbytes' quant-state entries (``weight.absmax``, ...) that no module
+    accepts back -- and transformers loads it strictly. The init has already recomputed the residual (the same base,
+    the same decomposition: the factors are compared, :func:`check_resumed_factors`), so what the checkpoint holds
+    for it is replaced by the module's own tensors; DeepSpeed then restores the partitioned ones from the
+    checkpoint's own shards, which is why a resumed run keeps at least the residuals its checkpoint kept whole
+    (``ZeRO3Engine.prepare_resume``)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         del state_dict[key]
     own = {**module._parameters, **{n: b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set}}
@@ -394,7 +420,8 @@ def prepare_universal_resume(checkpoint_dir: str, world_size: int) -> Optional[i
 
 
 def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
-    """(elements this rank stores, elements of the whole model) -- the partitioning check."""
+    """(elements this rank stores, elements of the whole model) -- the partitioning check. Residuals kept whole
+    (:func:`keep_whole`) count in both, at their stored size."""
     local = total = 0
     for p in model.parameters():
         if is_zero3_param(p):
@@ -403,6 +430,9 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
         else:
             local += p.numel()
             total += p.numel()
+    for m in model.modules():
+        whole = sum(getattr(m, n).numel() for n in getattr(m, WHOLE_ATTR, ()))
+        local, total = local + whole, total + whole
     return local, total
 
 
@@ -416,7 +446,9 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
 #: process); with prefetch and the reuse window at 0 it holds one layer at a time: peak 3.23 GiB, tokens/s
 #: 6-19% lower, compiled (one 4 x H200 host, 7B shape, bench/results/zero3_memory_H200x4.md). A 70B
 #: model's codes (35 GB) would not fit gathered. A JSON that sets ``stage3_prefetch_bucket_size`` keeps it:
-#: trade memory for speed there. Persistence 1e6 keeps sigma, s and the norms whole.
+#: trade memory for speed there. Persistence 1e6 keeps sigma, s and the norms whole. These peaks are with every
+#: residual partitioned; residuals kept whole (``ZeRO3Access.replicate_residual_gib``, the GPU default) are not
+#: fetched at all.
 SPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
                   "stage3_max_live_parameters": 2_000_000_000, "stage3_param_persistence_threshold": 1_000_000}
 
@@ -516,6 +548,7 @@ class ZeRO3Engine(Engine):
     name = "deepspeed"
     trainer_bf16 = False  # torch_autocast in the DeepSpeed config
     resume_layout: Optional[str] = None  # how the checkpoint being resumed kept U, V, sigma0 (prepare_resume)
+    resume_whole_layers: int = 0  # how many residuals the checkpoint being resumed kept whole (prepare_resume)
     resume_checkpoint: Optional[str] = None
     stage3: bool = False  # ZeRO stage 3 in the run's DeepSpeed config (setup)
     compile_wanted: bool = False  # train.compile resolved and allowed here (setup)
@@ -574,12 +607,20 @@ class ZeRO3Engine(Engine):
         return compile_forwards(model)
 
     def marker_fields(self) -> dict:
-        return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters"}
+        return {"zero3_frozen": "buffers" if self.notes.get("zero3_replicated_frozen_mib") else "parameters",
+                "zero3_whole_residual_layers": self.notes.get("zero3_whole_residual_layers", 0)}
 
     def prepare_resume(self, checkpoint: str) -> None:
         self.resume_checkpoint = checkpoint
         marker = Path(checkpoint) / "svd_scale_checkpoint.json"  # training.MARKER (engines do not import training)
-        layout = json.loads(marker.read_text()).get("zero3_frozen", "parameters") if marker.is_file() else "parameters"
+        fields = json.loads(marker.read_text()) if marker.is_file() else {}
+        layout = fields.get("zero3_frozen", "parameters")
+        # DeepSpeed restores every partitioned frozen tensor from the checkpoint's own shards, and a residual the
+        # checkpoint kept whole has none there: keep at least those whole (more is fine, their shards are unused)
+        self.resume_whole_layers = int(fields.get("zero3_whole_residual_layers", 0))
+        if self.resume_whole_layers:
+            say(f"{checkpoint} kept the first {self.resume_whole_layers} residuals whole on every rank: this run keeps "
+                "at least those whole")
         if layout == "parameters":  # written before they became buffers, or with the budget at 0: load them as saved
             self.resume_layout = layout
             say(f"{checkpoint} keeps the adapters' U, V, sigma0 as ZeRO-3 parameters: this run does too")
@@ -604,7 +645,8 @@ class ZeRO3Engine(Engine):
         if adapt:
             return adapt(model), tok
         access = ZeRO3Access(ds_config=ds, replicate_frozen_gib=self.replicate_gib(),
-                             replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib) if stage3 else None
+                             replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib,
+                             min_whole_layers=self.resume_whole_layers) if stage3 else None
         model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
         if access is not None:
             self._say_residual_layout(access)

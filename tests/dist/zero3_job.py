@@ -136,6 +136,7 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: floa
     dtypes = sorted({str(l.base_layer.weight.dtype) for _, l in layers})
     (out / f"{tag}_rank{rank}.json").write_text(json.dumps({
         "local4": local4, "total4": total4, "loss": float(loss), "weight_dtypes": dtypes, "whole": whole,
+        "names": [name for name, _ in layers],
         "layers": len(layers), "whole_bytes": access.whole_residual_bytes,
         "partitioned_layers": access.partitioned_residual_layers}))
     engine.destroy()
@@ -143,19 +144,21 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: floa
 
 
 def nf4_resume(model_dir: str, out: Path, world: int) -> None:
-    """Through the launch path: 4 steps with the NF4 residual partitioned, a checkpoint at step 2, and a
-    ``--resume`` from it with every residual kept whole (another layout than the checkpoint's): DeepSpeed's
-    strict module load must take it, and the losses must be the uninterrupted run's."""
+    """Through the launch path: 4 steps with every NF4 residual kept whole (the GPU default's layout), a checkpoint
+    at step 2, and a ``--resume`` from it asking for every residual partitioned: DeepSpeed's strict module load must
+    take the checkpoint, the run must keep the residuals the checkpoint kept whole (DeepSpeed restores partitioned
+    frozen tensors from the checkpoint's shards, and these have none), and the losses must be the uninterrupted
+    run's. (The 16-bit run of :func:`train` resumes from partitioned to whole.)"""
     common = [f"model={model_dir}", "rank=8", "adapter.quant=nf4", "adapter.quant_iters=1", "train.eval_examples=0",
               "train.logging_steps=1", "train.max_length=48", f"train.batch_size={GLOBAL_BATCH // world}",
               "train.lr=1e-2", "train.max_steps=4", "train.save_steps=2", f"train.output_dir={out / 'nf4_train'}",
               "train.deepspeed=" + str(ROOT / "configs/deepspeed/zero3.json")]
-    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=0")))
+    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=100")))
     if dist.get_rank() == 0:
         shutil.copy(out / "nf4_train" / "metrics.json", out / "nf4_metrics_uninterrupted.json")
         shutil.rmtree(out / "nf4_train" / "checkpoint-4")
     dist.barrier()
-    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=100")), resume=True)
+    run(load_config(None, (*common, "train.zero3_replicate_residual_gib=0")), resume=True)
 
 
 USER_STEPS = 3
