@@ -71,7 +71,7 @@ class ZeRO3Access(WeightAccess):
         self.max_group = max_group
         self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
         self.replicate_frozen_gib = replicate_frozen_gib
-        #: budget for residuals kept whole (:meth:`_keep_whole`); None: :func:`residual_budget_gib`'s default
+        #: budget for residuals kept whole (:func:`keep_whole`); None: :func:`residual_budget_gib`'s default
         self.replicate_residual_gib = (residual_budget_gib(self.ds_config) if replicate_residual_gib is None
                                        else float(replicate_residual_gib))
         #: the first this many residuals are kept whole whatever the budget (a resumed checkpoint kept them so)
