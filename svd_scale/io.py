@@ -34,7 +34,7 @@ from . import peft_format
 from .access import WeightAccess, full_value, is_main
 from .config import AdapterConfig
 from .inject import _set_module, adapter_layers, apply
-from .layer import TrainingState, is_conv1d, is_linear_like, logical_shape
+from .layer import TrainingState, is_conv1d, is_linear_like, logical_shape, parameters_back
 from .methods import get_method
 from .quant import storage_of
 
@@ -337,6 +337,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         base = layer.base_layer
         with torch.no_grad():  # a quantized residual merges into a plain layer in the compute dtype
             base = storage_of(base).plain(base, merged_weight(layer), layer.compute_dtype)
+        parameters_back(base)  # weights an engine kept as buffers (ZeRO-3) are parameters again: state_dict holds them
         _set_module(model, name, base)
     if hasattr(model, "svd_scale_config"):
         del model.svd_scale_config

@@ -239,21 +239,26 @@ def keep_whole(module: torch.nn.Module) -> None:
     finds nothing to gather (the adapter trains 1.4 M values of a 7B model; nearly all of ZeRO-3's per-step work was
     fetching these frozen codes, bench/results/perf_notes.md). Each rank holds the same value: the owner's residual,
     broadcast by the init. Not in checkpoints (non-persistent): ``--resume`` recomputes it, as for a partitioned one."""
-    kept = []
-    for name, p in list(module._parameters.items()):
-        if p is None:
-            continue
-        kept.append(name)
-        if is_zero3_param(p):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                whole = p.data.clone()
-        else:
-            whole = p
-        del module._parameters[name]
-        module.register_buffer(name, whole, persistent=False)
+    kept = [name for name, p in module._parameters.items() if p is not None]
+    for name in kept:
+        p = module._parameters[name]
+        _to_buffer(module, name, _gathered(p) if is_zero3_param(p) else p)  # the object itself: a Params4bit keeps its QuantState
     setattr(module, WHOLE_ATTR, tuple(kept))  # parameter_counts still counts them
+
+
+def _gathered(p: torch.Tensor) -> torch.Tensor:
+    """A whole copy of a ZeRO-3 parameter, on its device (a collective: every rank calls it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.data.clone()
+
+
+def _to_buffer(module: torch.nn.Module, name: str, whole: torch.Tensor) -> None:
+    """Replace parameter ``name`` by a non-persistent buffer holding ``whole``: ZeRO-3 never partitions, gathers or
+    re-gathers it again, and DeepSpeed's checkpoints do not hold it."""
+    del module._parameters[name]
+    module.register_buffer(name, whole, persistent=False)
 
 
 def _residual_from_init(module, state_dict, prefix, *_):
@@ -277,13 +282,11 @@ def replicate_frozen(layers, budget_gib: float) -> int:
     from ..layer import Role
 
     frozen = [(layer, n, p) for _, layer in layers for n, p in layer.tensors((Role.FACTOR, Role.INIT)).items()]
-    nbytes = sum((p.ds_numel if is_zero3_param(p) else p.numel()) * p.element_size() for *_, p in frozen)
+    nbytes = sum(_whole_numel(p) * p.element_size() for *_, p in frozen)
     if not frozen or nbytes > budget_gib * 2**30:
         return 0
     for layer, name, p in frozen:
-        whole = ZeRO3Access.full_value(p).to(p.ds_tensor.device) if is_zero3_param(p) else p.detach()
-        del layer._parameters[name]
-        layer.register_buffer(name, whole, persistent=False)
+        _to_buffer(layer, name, _gathered(p) if is_zero3_param(p) else p.detach())
     return nbytes
 
 

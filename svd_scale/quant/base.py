@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..layer import from_out_in, math_dtype, parameters_back, to_out_in
+from ..layer import from_out_in, math_dtype, to_out_in
 
 
 class ResidualStorage:
@@ -89,5 +89,4 @@ class DenseStorage(ResidualStorage):
 
     @classmethod
     def plain(cls, module, W, dtype):
-        # the merged weight goes where the residual was, a parameter again if an engine kept it as a buffer
-        return parameters_back(cls().build(module, W, dtype))
+        return cls().build(module, W, dtype)  # the merged weight goes where the residual was
