@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Per-rank memory of the FSDP2 path (issue 6): bf16 vs NF4 residual, under torchrun.
 
-    torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--compile] [--out FILE]
+    torchrun --nproc_per_node N bench/fsdp2_memory.py [--layers 4] [--compile] [--quants none,nf4]
+             [--reshard true,false] [--profile] [--json FILE] [--out FILE]
 
 Rank 0 writes a Llama-2-7B-shaped checkpoint with random weights (``--layers`` decoder layers;
 shapes decide memory), then every row loads it with ``svd_scale.engines.fsdp2.load_sharded`` (svd_scale r=64,
 bf16, MixedPrecisionPolicy bf16) and reports per rank: parameter bytes held locally after init,
-the peak allocated during load + init, and the peak of 3 training steps (seq 2048, batch 1,
+the peak allocated during load + init, and the peak of the training steps (seq ``--seq``, batch 1,
 gradient checkpointing) and its tokens/s per rank (median of the steps after 2 warm-ups). With
 ``--compile`` every row runs again with its decoder layers under ``torch.compile`` (``train.compile``).
+``--reshard false`` adds rows with ``fully_shard(reshard_after_forward=False)`` (a layer's gathered
+parameters kept from its forward to its backward); ``--profile`` one extra torch.profiler and cProfile
+step per row on rank 0 (tables to ``--profile-dir``, as ``bench/zero3_throughput.py`` writes them).
 GPU if present (nccl), else CPU (gloo; memory from the local tensors only).
 """
 import argparse
@@ -35,10 +39,14 @@ def checkpoint(path: Path, layers: int) -> None:
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on CPU at 7B
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
 
 
-def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int = 5) -> dict:
+def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int = 5, reshard: bool = True,
+        profile_dir: str | None = None, seq: int = 2048) -> dict:
     import statistics
 
     import svd_scale
@@ -50,10 +58,11 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model = fsdp.load_sharded(str(path), svd_scale.AdapterConfig(rank=64, quant=quant, quant_iters=1), torch.bfloat16,
-                              fsdp.mixed_precision("bf16"))
+                              fsdp.mixed_precision("bf16"), reshard_after_forward=reshard)
     init_s = time.time() - t0
     local = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
-    out = {"row": f"svd_scale r64 {quant}" + (" compiled" if compiled else ""), "local_param_gib": local / 2**30,
+    label = f"svd_scale r64 {quant}" + (" compiled" if compiled else "") + ("" if reshard else " reshard_after_forward=False")
+    out = {"row": label, "local_param_gib": local / 2**30,
            "init_s": init_s}
     if cuda:
         out["load_init_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -63,22 +72,36 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
     if compiled:
         compile_blocks(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    x = torch.randint(0, 32000, (1, 2048), device="cuda" if cuda else "cpu")
+    x = torch.randint(0, 32000, (1, seq), device="cuda" if cuda else "cpu")
     times = []
-    for i in range(2 + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(input_ids=x, labels=x).loss.backward()
+
+    def step():
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        return loss.item()
+
+    for i in range(2 + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
         if i >= 2:
             times.append(time.perf_counter() - t)
-    out["tok_s"] = 2048 / statistics.median(times)
+    # the slowest rank sets the pace (as bench/zero3_throughput.py reports it)
+    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=x.device)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    out["tok_s"] = seq / med.item()
+    out["step_s"] = [round(t, 3) for t in times]
     if cuda:
         out["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile_dir is not None:
+        from zero3_throughput import profile_step  # same tables as the ZeRO-3 bench
+
+        profile_step(step, label.replace(" ", "_").replace("=", ""), "fsdp2", profile_dir, cuda, med.item())
     del model, opt
     return out
 
@@ -89,7 +112,19 @@ def main():
     ap.add_argument("--ckpt", default="/tmp/svd_scale_fsdp2_7b_shape")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile", action="store_true", help="also run every row with compiled decoder layers")
+    ap.add_argument("--quants", default="none,nf4", help="residual storages, comma-separated")
+    ap.add_argument("--reshard", default="true", help="reshard_after_forward values, comma-separated (true,false)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="one profiled step per row (rank 0)")
+    ap.add_argument("--profile-dir", default="runs/fsdp2_profile")
+    ap.add_argument("--json", default=None, help="also write the rows' figures here")
     a = ap.parse_args()
+    quants = a.quants.split(",")
+    reshards = [v.strip().lower() for v in a.reshard.split(",")]
+    bad = [q for q in quants if q not in ("none", "nf4")] + [v for v in reshards if v not in ("true", "false")]
+    if bad:
+        raise SystemExit(f"bad --quants/--reshard value(s) {bad}: allowed none|nf4 and true|false")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -99,14 +134,26 @@ def main():
     if rank == 0:
         checkpoint(path, a.layers)
     dist.barrier()
-    results = [row(path, q, cuda, c) for c in ((False, True) if a.compile else (False,)) for q in ("none", "nf4")]
+    results = []
+    for c in ((False, True) if a.compile else (False,)):
+        for q in quants:
+            for rs in reshards:
+                results.append(row(path, q, cuda, c, a.steps, rs == "true", a.profile_dir if a.profile else None,
+                                   a.seq))
+                if rank == 0:
+                    r = results[-1]
+                    print(f"RESULT fsdp2 {r['row']:48s} {r['tok_s']:8,.0f} tok/s/rank  train peak "
+                          f"{r.get('train_peak_gib', float('nan')):.2f} GiB  init {r['init_s']:.1f} s  steps {r['step_s']}",
+                          flush=True)
+                    if a.json:
+                        Path(a.json).write_text(json.dumps(results))
     dev = torch.cuda.get_device_name() if cuda else "CPU"
     if rank == 0:
         lines = [f"# FSDP2 per-rank memory, Llama-2-7B shape ({a.layers} layers), {world} rank(s)", "",
                  f"- device: {dev}; torch {torch.__version__}; date {datetime.date.today()}",
                  f"- command: `torchrun --nproc_per_node {world} bench/fsdp2_memory.py {' '.join(sys.argv[1:])}`",
-                 "- svd_scale r=64, bf16 base, MixedPrecisionPolicy(bf16, reduce fp32); training: seq 2048, batch 1, "
-                 "gradient checkpointing, AdamW, 2 warm-up + 5 timed steps (median); rank 0's figures", "",
+                 f"- svd_scale r=64, bf16 base, MixedPrecisionPolicy(bf16, reduce fp32); training: seq {a.seq}, batch 1, "
+                 f"gradient checkpointing, AdamW, 2 warm-up + {a.steps} timed steps (median, slowest rank); rank 0's memory", "",
                  "| row | local params GiB | load+init peak GiB | train peak GiB | tokens/s per rank | load+init s |",
                  "|---|---|---|---|---|---|"]
         for r in results:

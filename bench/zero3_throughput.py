@@ -7,7 +7,9 @@ transformers' own path, side by side in one launch (issue 9, run 3).
     python bench/zero3_throughput.py --merge A.json B.json --out FILE   # one process per row, one table
 
 Rank 0 writes a checkpoint of the shape with random weights once (speed and memory depend on shapes,
-not values; ``--layers`` shortens the model, e.g. to fit the disk). Each row then loads it, adapts it,
+not values; ``--layers`` shortens the model, e.g. to fit the disk). With ``--random-init`` (svd_scale rows
+only; the 70B shape's 138 GB checkpoint would not fit the disk beside its load) no checkpoint is written:
+the model is built from its config under ``zero.Init``, so each rank creates only its partition. Each row then loads it, adapts it,
 builds the DeepSpeed engine and trains ``--steps`` timed steps after 2 warm-ups (micro-batch 1 per
 GPU, seq ``--seq``, gradient checkpointing, AdamW). Rows:
 
@@ -139,8 +141,9 @@ def ds_config(row: str, hidden: int, setting: str = "shipped") -> dict:
     return cfg
 
 
-def build(row: str, path: Path, ds: dict, setting: str = "shipped"):
-    """The model of ``row``, adapted, before ``deepspeed.initialize``."""
+def build(row: str, path, ds: dict, setting: str = "shipped"):
+    """The model of ``row``, adapted, before ``deepspeed.initialize``. ``path``: the checkpoint, or a
+    ``LlamaConfig`` to build a randomly initialized model from (``--random-init``)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from svd_scale.engines.zero3 import zero3_loading
@@ -164,7 +167,10 @@ def build(row: str, path: Path, ds: dict, setting: str = "shipped"):
     from svd_scale.engines.zero3 import ZeRO3Access
 
     with zero3_loading(ds, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+        if isinstance(path, Path):
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+        else:  # partitioned as it is built (transformers enters zero.Init for from_config too)
+            model = AutoModelForCausalLM.from_config(path, dtype=torch.bfloat16)
     cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
                                   quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
     tokens = parse_setting(setting)
@@ -467,6 +473,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", default="peft_qlora,svd_scale_nf4")
     ap.add_argument("--ckpt", default="/tmp/svd_scale_zero3_bench")
+    ap.add_argument("--random-init", action="store_true",
+                    help="svd_scale rows only: build the model from its config under zero.Init, no checkpoint")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None, help="also write the rows' figures here")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -504,8 +512,17 @@ def main():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    path = Path(f"{a.ckpt}_{a.shape}_{layers}l")
-    if rank == 0:
+    if a.random_init:
+        from transformers import LlamaConfig
+
+        if any(r.startswith("peft") for r in rows):
+            raise SystemExit("--random-init: PEFT rows load through from_pretrained (transformers' 4-bit path) and need "
+                             "a checkpoint; drop them or the flag")
+        torch.manual_seed(0)
+        path = LlamaConfig(**{**SHAPES[a.shape], "num_hidden_layers": layers}, max_position_embeddings=4096)
+    else:
+        path = Path(f"{a.ckpt}_{a.shape}_{layers}l")
+    if rank == 0 and not a.random_init:
         write_checkpoint(path, a.shape, layers)
     dist.barrier()
     results, profiled = [], set()

@@ -141,13 +141,15 @@ def load_optimizer(model: nn.Module, optimizer, checkpoint_dir: str) -> None:
     set_optimizer_state_dict(model, inner, state["optimizer"])
 
 
-def shard(model: nn.Module, mp: Optional["object"] = None) -> nn.Module:
-    """``fully_shard`` each decoder layer, then the root (FSDP2's recommended granularity)."""
+def shard(model: nn.Module, mp: Optional["object"] = None, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root (FSDP2's recommended granularity).
+    ``reshard_after_forward=False`` is FSDP2's own ZeRO-2-like mode: a layer's gathered parameters
+    stay until its backward, trading memory for one all-gather less per layer and step."""
     from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": mp} if mp is not None else {}
     for block in decoder_layers(model):
-        fully_shard(block, **kw)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, **kw)
     return model
 
@@ -178,7 +180,7 @@ def _base_name(name: str) -> str:
 
 
 def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float32, mp=None, seed: int = 0,
-                 device: Optional[torch.device] = None) -> nn.Module:
+                 device: Optional[torch.device] = None, reshard_after_forward: bool = True) -> nn.Module:
     """Build ``path``'s model sharded over the current process group, with ``cfg``'s adapters
     initialized (module docstring), on ``device`` (default: this rank's GPU if there is one).
     Bad configurations fail before any weight is read. The same pipeline as ``svd_scale.apply``,
@@ -198,7 +200,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
         if container is not None:
             layer.base_layer = container
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    shard(model, mp)
+    shard(model, mp, reshard_after_forward)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to_empty(device=device)
