@@ -106,6 +106,13 @@ def method_checks(a, facts: dict, data: list, base_logits, rank: int, world: int
         f["export_keys_equal"] = sorted(saved) == sorted(want)
 
 
+def reshard_checks(a, facts: dict, data: list, rank: int, world: int) -> None:
+    """``reshard_after_forward=False`` (gathered layers kept until their backward) trains alike."""
+    cfg = svd_scale.AdapterConfig(method="svd_scale", rank=4, svd="full", **OPTS.get("svd_scale", {}))
+    model = fsdp.load_sharded(a.model, cfg, reshard_after_forward=False)
+    facts["kept_gathered_losses"], _ = train(model, data, LR["svd_scale"], rank, world)
+
+
 def bf16_checks(a, facts: dict, data: list, rank: int, world: int) -> None:
     """bf16 mixed precision: trainables and optimizer state stay fp32 in the shards."""
     cfg = svd_scale.AdapterConfig(rank=4, svd="full")
@@ -243,6 +250,7 @@ def main():
         base_logits = base(input_ids=data[0]).logits
     method_checks(a, facts, data, base_logits, rank, world, out)
     bf16_checks(a, facts, data, rank, world)
+    reshard_checks(a, facts, data, rank, world)
     nf4_checks(a, facts, data, base_logits, rank, world)
     user_script(a, facts, data, rank, world)
     try:  # bad input is refused before any weight is read
