@@ -10,7 +10,7 @@ bf16, MixedPrecisionPolicy bf16) and reports per rank: parameter bytes held loca
 the peak allocated during load + init, and the peak of the training steps (seq ``--seq``, batch 1,
 gradient checkpointing) and its tokens/s per rank (median of the steps after 2 warm-ups). With
 ``--compile`` every row runs again with its decoder layers under ``torch.compile`` (``train.compile``).
-``--reshard false`` adds rows with ``fully_shard(reshard_after_forward=False)`` (a layer's gathered
+``--reshard false`` runs the rows with ``fully_shard(reshard_after_forward=False)`` (``true,false``: both) (a layer's gathered
 parameters kept from its forward to its backward); ``--profile`` one extra torch.profiler and cProfile
 step per row on rank 0 (tables to ``--profile-dir``, as ``bench/zero3_throughput.py`` writes them).
 GPU if present (nccl), else CPU (gloo; memory from the local tensors only).
@@ -31,28 +31,16 @@ sys.path.insert(0, str(ROOT))
 import torch.distributed as dist  # noqa: E402
 
 
-def checkpoint(path: Path, layers: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (path / "config.json").is_file():
-        return
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on CPU at 7B
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-
-
 def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int = 5, reshard: bool = True,
-        profile_dir: str | None = None, seq: int = 2048, optim: str = "foreach") -> dict:
+        profile_dir: str | None = None, seq: int = 2048, optim: str = "fused") -> dict:
+    import gc
     import statistics
 
     import svd_scale
     from svd_scale.engines import fsdp2 as fsdp
     from svd_scale.engines.base import compile_blocks
 
+    gc.collect()  # what earlier rows of this process left
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -94,18 +82,19 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
         step()
         if i >= 2:
             times.append(time.perf_counter() - t)
-    # the slowest rank sets the pace (as bench/zero3_throughput.py reports it)
-    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=x.device)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    out["tok_s"] = seq / med.item()
+    from zero3_throughput import _max
+
+    med = _max(statistics.median(times))  # the slowest rank sets the pace (as bench/zero3_throughput.py reports it)
+    out["tok_s"] = seq / med
     out["step_s"] = [round(t, 3) for t in times]
     if cuda:
         out["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if profile_dir is not None:
         from zero3_throughput import profile_step  # same tables as the ZeRO-3 bench
 
-        profile_step(step, label.replace(" ", "_").replace("=", ""), "fsdp2", profile_dir, cuda, med.item())
+        profile_step(step, label.replace(" ", "_").replace("=", ""), "fsdp2", profile_dir, cuda, med)
     del model, opt
+    gc.collect()
     return out
 
 
@@ -137,7 +126,9 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(a.ckpt + f"_{a.layers}l")
     if rank == 0:
-        checkpoint(path, a.layers)
+        from zero3_throughput import write_checkpoint  # the same random 7B-shape checkpoint as the ZeRO-3 bench
+
+        write_checkpoint(path, "7b", a.layers)
     dist.barrier()
     results = []
     for c in ((False, True) if a.compile else (False,)):

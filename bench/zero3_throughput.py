@@ -393,7 +393,7 @@ def _memory_summary(snap: dict, base: int, peak_torch: int, tag: str, out_dir: s
     return {"mem_peak_gib": peak / gib, "mem_base_gib": base / gib}
 
 
-def row(name: str, path: Path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
+def row(name: str, path, seq: int, steps: int, cuda: bool, hidden: int, setting: str = "shipped",
         profile_dir: str | None = None, memory_dir: str | None = None) -> dict:
     ds = ds_config(name, hidden, setting)
     restore_torch_linear()  # each row under its own setting: DeepSpeed never resets its F.linear override

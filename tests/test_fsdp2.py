@@ -111,6 +111,7 @@ def test_losses_match_the_single_process_run_with_the_same_global_batch(job):
 
 def test_layers_kept_gathered_until_backward_train_like_resharded_ones(job):
     for f in job:  # fully_shard(reshard_after_forward=False): the same math, gathered once per step
+        assert f["gathered_after_forward_True"] and not f["gathered_after_forward_False"]
         torch.testing.assert_close(torch.tensor(f["kept_gathered_losses"]), torch.tensor(f["svd_scale"]["losses"]),
                                    rtol=1e-6, atol=0)
 

@@ -185,7 +185,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     """Build ``path``'s model sharded over the current process group, with ``cfg``'s adapters
     initialized (module docstring), on ``device`` (default: this rank's GPU if there is one).
     Bad configurations fail before any weight is read. The same pipeline as ``svd_scale.apply``,
-    with the sharding between wrapping and initialization."""
+    with the sharding between wrapping and initialization. ``reshard_after_forward``: see :func:`shard`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

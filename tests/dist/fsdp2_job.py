@@ -109,7 +109,13 @@ def method_checks(a, facts: dict, data: list, base_logits, rank: int, world: int
 def reshard_checks(a, facts: dict, data: list, rank: int, world: int) -> None:
     """``reshard_after_forward=False`` (gathered layers kept until their backward) trains alike."""
     cfg = svd_scale.AdapterConfig(method="svd_scale", rank=4, svd="full", **OPTS.get("svd_scale", {}))
-    model = fsdp.load_sharded(a.model, cfg, reshard_after_forward=False)
+    for keep in (False, True):  # between forward and backward, is the first decoder layer still gathered?
+        model = fsdp.load_sharded(a.model, cfg, reshard_after_forward=not keep)
+        loss = model(input_ids=data[0], labels=data[0]).loss
+        layer = svd_scale.inject.decoder_layers(model)[0]
+        facts[f"gathered_after_forward_{keep}"] = not any(hasattr(p, "to_local") for p in layer.parameters())
+        loss.backward()
+    model.zero_grad(set_to_none=True)
     facts["kept_gathered_losses"], _ = train(model, data, LR["svd_scale"], rank, world)
 
 
