@@ -93,9 +93,7 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
         from zero3_throughput import profile_step  # same tables as the ZeRO-3 bench
 
         profile_step(step, label.replace(" ", "_").replace("=", ""), "fsdp2", profile_dir, cuda, med)
-    del model, opt
-    gc.collect()
-    return out
+    return out  # the model goes with this frame; the next row's gc.collect() frees what cycles hold
 
 
 def main():
