@@ -61,7 +61,8 @@ def row(path: Path, quant: str, cuda: bool, compiled: bool = False, steps: int =
     if compiled:
         compile_blocks(model)
     # fused: one kernel for all of a step's parameters, as transformers' Trainer runs it by default (adamw_torch_fused
-    # on torch >= 2.8); foreach over FSDP2's DTensors costs the host about 80 ms a step here (448 parameters)
+    # on torch >= 2.8); foreach over FSDP2's 448 DTensor trainables took 81 ms of a cProfiled 7B step on an H200
+    # (bench/results/zero3_fsdp2_70b_H200x4.md)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **{optim: True})
     x = torch.randint(0, 32000, (1, seq), device="cuda" if cuda else "cpu")
     times = []

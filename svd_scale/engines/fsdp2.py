@@ -145,7 +145,7 @@ def shard(model: nn.Module, mp: Optional["object"] = None, reshard_after_forward
     """``fully_shard`` each decoder layer, then the root (FSDP2's recommended granularity).
     ``reshard_after_forward=False`` is FSDP2's own ZeRO-2-like mode: a layer's gathered parameters
     stay until its backward, trading memory for one all-gather less per layer and step (7B NF4 on 4 H200s:
-    +5-9% tokens/s compiled, 7.65 instead of 2.98 GiB per GPU; bench/results/zero3_fsdp2_70b_H200x4.md)."""
+    +5-9% tokens/s compiled, 6.6-7.7 instead of 2.98 GiB per GPU; bench/results/zero3_fsdp2_70b_H200x4.md)."""
     from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": mp} if mp is not None else {}
