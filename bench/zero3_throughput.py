@@ -41,7 +41,9 @@ the GPU's memory; without the token every residual is partitioned), ``norepl`` (
 ZeRO-3 parameters instead of whole buffers, ``ZeRO3Access(replicate_frozen_gib=0)``), ``compile`` (``torch.compile``
 each decoder layer's ``forward`` after ``deepspeed.initialize``: DeepSpeed's fetch/release hooks, which
 run around ``forward`` in ``Module.__call__``, stay eager; with ``leaf`` nothing inside a layer is hooked; add ``mel`` with it, as train.compile does: DeepSpeed's ``F.linear`` wrapper makes dynamo guard on each
-weight's ``ds_id``, so PEFT's LoRA layers recompiled per decoder layer and fell back to eager after 8); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
+weight's ``ds_id``, so PEFT's LoRA layers recompiled per decoder layer and fell back to eager after 8), ``stream``
+(``svd_scale_nf4`` rows: built while loading, ``svd_scale.engines.zero3.load_partitioned``, as the launch path
+builds an NF4 residual: no dense target weight is loaded; with ``--random-init`` each tensor is drawn when read); e.g. ``--settings shipped,leaf,gran,leaf+persist,leaf+persist+prefetch+live``.
 ``--profile SETTING`` adds, for that setting, one torch.profiler step and one cProfile step on rank 0
 after the timed ones (tables to ``--profile-dir``); ``--memory SETTING[,SETTING]`` one step with CUDA's
 allocator history on rank 0: what was live at the step's peak, by allocation site (``mem_*.md`` there).
@@ -101,7 +103,7 @@ def write_checkpoint(path: Path, shape: str, layers: int) -> None:
 
 SETTING_DEFAULTS = {"shipped": None, "leaf": None, "gran": 1e8, "persist": 1e6, "prefetch": 2e8, "live": 2e9,
                     "mpersist": 4e9, "mel": 0, "norepl": None, "compile": None, "reuse": 0,
-                    "whole": 1000}
+                    "whole": 1000, "stream": None}
 SETTING_KEYS = {"gran": "stage3_module_granularity_threshold", "persist": "stage3_param_persistence_threshold",
                 "reuse": "stage3_max_reuse_distance",
                 "prefetch": "stage3_prefetch_bucket_size", "live": "stage3_max_live_parameters",
@@ -164,21 +166,48 @@ def build(row: str, path, ds: dict, setting: str = "shipped"):
                                                  task_type="CAUSAL_LM"))
         return model
     import svd_scale
-    from svd_scale.engines.zero3 import ZeRO3Access
+    from svd_scale.engines.zero3 import ZeRO3Access, build_partitioned, load_partitioned, meta_skeleton
 
+    cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
+                                  quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
+    tokens = parse_setting(setting)
+    # norepl: U, V, sigma0 stay ZeRO-3 parameters. whole[:GiB]: the frozen residuals of the first layers totalling
+    # GiB kept whole on every rank (the launch path's default: a quarter of the GPU); without it every residual is
+    # partitioned, as before that default
+    options = dict(replicate_frozen_gib=0.0 if "norepl" in tokens else 2.0, replicate_residual_gib=tokens.get("whole", 0))
+    if "stream" in tokens:  # the launch path's NF4 loader: no dense target weight is ever loaded
+        if row != "svd_scale_nf4":
+            raise SystemExit("the stream token builds a quantized residual while loading: svd_scale_nf4 rows only")
+        if isinstance(path, Path):
+            return load_partitioned(str(path), cfg, ds, torch.bfloat16, **options)
+        model = meta_skeleton(path, torch.bfloat16)
+        return build_partitioned(model, RandomTensors(model), cfg, ds, **options)
     with zero3_loading(ds, torch.bfloat16):
         if isinstance(path, Path):
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
         else:  # partitioned as it is built (transformers enters zero.Init for from_config too)
             model = AutoModelForCausalLM.from_config(path, dtype=torch.bfloat16)
-    cfg = svd_scale.AdapterConfig(method="svd_scale", rank=64, svd="randomized",
-                                  quant="nf4" if row == "svd_scale_nf4" else "none", quant_iters=1)
-    tokens = parse_setting(setting)
-    gib = 0.0 if "norepl" in tokens else 2.0  # norepl: U, V, sigma0 stay ZeRO-3 parameters
-    # whole[:GiB]: the frozen residuals of the first layers totalling GiB kept whole on every rank (the launch
-    # path's default: a quarter of the GPU); without it every residual is partitioned, as before that default
-    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds, replicate_frozen_gib=gib,
-                                                          replicate_residual_gib=tokens.get("whole", 0)))
+    return svd_scale.apply(model, cfg, access=ZeRO3Access(ds_config=ds, **options))
+
+
+class RandomTensors:
+    """``--random-init`` with ``stream``: each checkpoint tensor drawn when it is read (normal, std 0.02, as
+    transformers initializes Llama; norms 1), seeded by its key, so every rank draws the same values."""
+
+    def __init__(self, skeleton):
+        self.shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+
+    def missing(self, keys):
+        return sorted(k for k in set(keys) if k not in self.shapes)
+
+    def __call__(self, key: str) -> torch.Tensor:
+        import zlib
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if key.endswith("norm.weight"):
+            return torch.ones(self.shapes[key], dtype=torch.bfloat16, device=dev)
+        g = torch.Generator(device=dev).manual_seed(zlib.crc32(key.encode()))
+        return (torch.randn(self.shapes[key], generator=g, device=dev) * 0.02).to(torch.bfloat16)
 
 
 def _peak(cuda: bool) -> float:

@@ -43,8 +43,15 @@ def _launch(n: int, model: str, out: Path, *flags: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world2(model_dir, tmp_path_factory):
-    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16", "--methods", "--nf4")
+def tied_model_dir(tmp_path_factory):
+    """The same tiny Llama with tied embeddings (as SmolLM2, the quickstart's model)."""
+    return save_tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("tiny_llama_tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def world2(model_dir, tied_model_dir, tmp_path_factory):
+    return 2, _launch(2, model_dir, tmp_path_factory.mktemp("z3_w2"), "--train", "--resume", "--bf16", "--methods", "--nf4",
+                      "--tied-model", tied_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -387,11 +394,12 @@ def test_every_method_under_zero3_matches_one_process(world2, model_dir, method)
         assert facts["reg"] == pytest.approx(float(reg.detach()), rel=1e-5, abs=1e-8)
 
 
-@pytest.mark.parametrize("tag", ["nf4", "nf4_whole"])
+@pytest.mark.parametrize("tag", ["nf4", "nf4_whole", "nf4_streamed"])
 def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_process(world2, model_dir, tag):
     """``nf4``: every 4-bit residual partitioned. ``nf4_whole``: a budget of half the codes' bytes
     (``ZeRO3Access(replicate_residual_gib=...)``): the first layers' codes are whole buffers on every rank, the
-    others partitioned -- the same model either way."""
+    others partitioned -- the same model either way. ``nf4_streamed``: the same budget, the model built by
+    ``load_partitioned`` (the engine's NF4 loader) instead of ``svd_scale.apply`` on a dense partitioned base."""
     from transformers import AutoModelForCausalLM
     from svd_scale.io import adapter_state_dict
     sys.path.insert(0, str(JOB.parent))
@@ -428,15 +436,55 @@ def test_nf4_under_zero3_is_partitioned_identical_on_ranks_and_matches_one_proce
         torch.testing.assert_close(state[0]["after." + k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_nf4_built_while_loading_equals_the_dense_load_and_reads_only_each_owners_weights(world2):
+    """``load_partitioned`` never loads a target's dense weight (the 70B load peak was every rank's bf16 shards of
+    the whole model, bench/results/perf_notes.md): each owner rank reads its own targets from the file and nothing
+    is gathered. The model it builds is bit for bit the one ``svd_scale.apply`` builds on a dense partitioned load
+    with the same budget: codes kept whole, block scales, logits, the adapter after one step."""
+    world, out = world2
+    for r in range(world):
+        streamed = json.loads((out / f"nf4_streamed_rank{r}.json").read_text())
+        dense = json.loads((out / f"nf4_whole_rank{r}.json").read_text())
+        assert streamed["weights_read"] == streamed["owned"] > 0 and streamed["peak_gathered"] == 0
+        assert dense["weights_read"] == 0 and dense["peak_gathered"] > 0  # the other path gathers every weight
+        assert streamed["whole"] == dense["whole"] and streamed["loss"] == dense["loss"]
+        a = load_file(str(out / f"nf4_streamed_rank{r}.safetensors"))
+        b = load_file(str(out / f"nf4_whole_rank{r}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert sum(json.loads((out / f"nf4_streamed_rank{r}.json").read_text())["weights_read"]
+               for r in range(world)) == streamed["layers"]  # every target read once, by one rank
+
+
+def test_nf4_built_while_loading_ties_the_head_to_the_embedding_like_one_process(world2, tied_model_dir):
+    """A model with tied embeddings (SmolLM2): the head is the embedding's parameter, read and partitioned once;
+    the logits equal one process's NF4 adapter on the same model."""
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(JOB.parent))
+    from zero3_job import METHOD_BATCH
+
+    world, out = world2
+    state = [load_file(str(out / f"nf4_streamed_tied_rank{r}.safetensors")) for r in range(world)]
+    assert torch.equal(state[0]["logits"], state[1]["logits"])
+    ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32),
+                          svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1)).eval()
+    assert ref.lm_head.weight is ref.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(state[0]["logits"], ref(input_ids=METHOD_BATCH[:2]).logits, atol=1e-4, rtol=0)
+
+
 def test_an_nf4_zero3_checkpoint_resumes_and_keeps_the_residuals_it_kept_whole(world2):
     """DeepSpeed's checkpoint holds bitsandbytes' quant-state entries, and transformers loads it strictly: before,
     every NF4 --resume under ZeRO-3 failed ("Unexpected key(s) ... weight.absmax"). The checkpoint's run kept the
     codes whole on every rank (the GPU default's layout); the resumed run, asked for a budget of 0, still keeps
     those whole, as its checkpoint marker says (DeepSpeed would look for their shards in the checkpoint). (The
-    16-bit resume test goes from partitioned to whole.)"""
+    16-bit resume test goes from partitioned to whole.) Both runs built the model while loading
+    (``load_partitioned``: the engine's loader for NF4 from a safetensors folder)."""
     _, out = world2
     full = json.loads((out / "nf4_metrics_uninterrupted.json").read_text())
     resumed = json.loads((out / "nf4_train" / "metrics.json").read_text())
+    assert full["zero3_load"] == resumed["zero3_load"] == "partitioned while loading: no dense target weight loaded"
     marker = json.loads((out / "nf4_train" / "checkpoint-2" / "svd_scale_checkpoint.json").read_text())
     assert full["zero3_whole_residual_layers"] > 0 and full["zero3_whole_residual_mib"] > 0
     assert marker["zero3_whole_residual_layers"] == full["zero3_whole_residual_layers"]
@@ -556,3 +604,24 @@ def test_residuals_kept_as_buffers_are_counted_and_merge_back_into_parameters():
     state = merged.state_dict()
     assert isinstance(merged.get_submodule(name).weight, torch.nn.Parameter) and f"{name}.weight" in state
     torch.testing.assert_close(state[f"{name}.weight"], merged.get_submodule(name).weight.detach())
+
+
+def test_building_while_loading_names_a_missing_checkpoint_tensor_before_reading_any(tmp_path, model_dir):
+    """A checkpoint that lacks a tensor the model needs is refused with its key, before any tensor is read or any
+    collective runs (this test has no process group); a residual kept in the base weight is not this loader's."""
+    import shutil
+
+    from safetensors.torch import load_file as load, save_file
+
+    from svd_scale.engines.zero3 import load_partitioned
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    tensors = load(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"], tensors["model.norm.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    cfg = svd_scale.AdapterConfig(rank=4, quant="nf4")
+    with pytest.raises(KeyError, match=r"model.layers.1.mlp.down_proj.weight.*model.norm.weight.*2 of the"):
+        load_partitioned(str(broken), cfg, {"zero_optimization": {"stage": 3}}, torch.float32)
+    with pytest.raises(ValueError, match="adapter.quant='none'"):
+        load_partitioned(model_dir, svd_scale.AdapterConfig(rank=4), {"zero_optimization": {"stage": 3}}, torch.float32)

@@ -43,7 +43,6 @@ needs :func:`load_sharded`.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -57,6 +56,7 @@ from ..config import AdapterConfig
 from ..inject import SVDSource, adapter_layers, decoder_layers, finish, wrap
 from ..layer import from_out_in, math_dtype, to_out_in
 from .base import Engine, load_tokenizer, model_dtype
+from .checkpoint import TensorReader, base_name, checkpoint_files, tied_source
 
 
 def gather_for_regularizer(reg: nn.Module) -> None:
@@ -164,22 +164,6 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def _checkpoint_files(path: str) -> list[Path]:
-    p = Path(path)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({p / f for f in json.loads(index.read_text())["weight_map"].values()})
-    single = p / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"fsdp2 sharded loading reads safetensors: no model.safetensors(.index.json) in {path!r}")
-    return [single]
-
-
-def _base_name(name: str) -> str:
-    """A wrapped model's parameter name as the base checkpoint spells it."""
-    return name.replace(".base_layer.", ".")
-
-
 def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float32, mp=None, seed: int = 0,
                  device: Optional[torch.device] = None, reshard_after_forward: bool = True) -> nn.Module:
     """Build ``path``'s model sharded over the current process group, with ``cfg``'s adapters
@@ -189,7 +173,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    files = _checkpoint_files(path)
+    files = checkpoint_files(path)
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     source = SVDSource(cfg, seed)
@@ -210,7 +194,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
             b.copy_(buffers[n])
     _fill_from_checkpoint(model, files, path)
     filled_at_init = any(not layer.storage.in_place for _, layer in layers)
-    access = FSDP2Access(_TensorReader(files) if filled_at_init else None)
+    access = FSDP2Access(TensorReader(files) if filled_at_init else None)
     finish(model, layers, cfg, source, access)
     model.svd_scale_fsdp_max_full_numel = access.max_full_numel
     return model
@@ -226,7 +210,7 @@ def _fill_from_checkpoint(model: nn.Module, files: list, path: str) -> None:
     wanted: dict[str, list] = {}  # checkpoint key -> local parameters to fill
     for n, p in model.named_parameters():
         if id(p) not in adapter_params and id(p) not in skip:
-            wanted.setdefault(_tied_source(model, _base_name(n)), []).append(p)
+            wanted.setdefault(tied_source(model, base_name(n)), []).append(p)
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
@@ -246,33 +230,6 @@ class _Rows:
 
     def __getitem__(self, idx):
         return self.sl[idx]
-
-
-class _TensorReader:
-    """Whole tensors by checkpoint key, read on demand (the dense target weights of a residual
-    stored in another form, e.g. NF4)."""
-
-    def __init__(self, files: list):
-        from safetensors import safe_open
-
-        self.where = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                self.where.update({k: f for k in fh.keys()})
-
-    def __call__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[key]), framework="pt") as fh:
-            return fh.get_tensor(key)
-
-
-def _tied_source(model: nn.Module, key: str) -> str:
-    """The checkpoint key that holds ``key``'s values (a tied head reads the embedding)."""
-    if key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
-        emb = model.get_input_embeddings()
-        return next(n for n, m in model.named_modules() if m is emb) + ".weight"
-    return key
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:

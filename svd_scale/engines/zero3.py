@@ -67,8 +67,12 @@ class ZeRO3Access(WeightAccess):
     """Sharding-aware init under ZeRO-3 (see the module docstring)."""
 
     def __init__(self, max_group: int = 8, ds_config: Optional[dict] = None, replicate_frozen_gib: float = 2.0,
-                 replicate_residual_gib: Optional[float] = None, min_whole_layers: int = 0):
+                 replicate_residual_gib: Optional[float] = None, min_whole_layers: int = 0, read=None):
         self.max_group = max_group
+        #: ``read(key)`` -> a whole checkpoint tensor, for targets whose dense weight was never loaded
+        #: (:func:`load_partitioned`: its owner reads it from the file; nobody gathers it)
+        self.read = read
+        self.weights_read = 0  # dense target weights this rank read from the checkpoint (tests check: only its own)
         self.ds_config = ds_config if ds_config is not None else _hf_ds_config()
         self.replicate_frozen_gib = replicate_frozen_gib
         #: budget for residuals kept whole (:func:`keep_whole`); None: :func:`residual_budget_gib`'s default
@@ -137,13 +141,13 @@ class ZeRO3Access(WeightAccess):
         group_size = max(1, min(size, self.max_group))
         for g in range(0, len(layers), group_size):
             group = layers[g:g + group_size]
-            weights = [layer.base_layer.weight for _, layer in group]
+            weights = [layer.base_layer.weight for _, layer in group if not _unloaded(layer)]
             mine: dict[int, tuple] = {}
             with torch.no_grad(), deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
                 self.peak_gathered_numel = max(self.peak_gathered_numel, sum(w.numel() for w in weights))
                 for j, (name, layer) in enumerate(group):
                     if (g + j) % size == rank:
-                        W = math_dtype(to_out_in(layer.base_layer, layer.base_layer.weight.detach())).clone()
+                        W = math_dtype(to_out_in(layer.base_layer, self._dense(name, layer))).clone()
                         mine[j] = (W, compute(g + j, name, layer, W))
             for j, (name, layer) in enumerate(group):
                 owner = (g + j) % size
@@ -163,6 +167,15 @@ class ZeRO3Access(WeightAccess):
                         self._write_stored(layer, W, owner, rank)
                 layer.base_layer.register_load_state_dict_pre_hook(_residual_from_init)
 
+    def _dense(self, name: str, layer) -> torch.Tensor:
+        """The owner's view of a target's dense weight: gathered, or -- never loaded -- read from the checkpoint."""
+        if not _unloaded(layer):
+            return layer.base_layer.weight.detach()
+        if self.read is None:
+            raise RuntimeError(f"{name}: its dense weight was never loaded and ZeRO3Access has no read=")
+        self.weights_read += 1
+        return self.read(name + ".weight").to(_adapter_device(layer))
+
     def _write_stored(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
         """A residual in another storage (4-bit): the owner builds it once and broadcasts it whole
         (DeepSpeed synchronizes parameters only, so every rank must receive e.g. the identical
@@ -174,7 +187,7 @@ class ZeRO3Access(WeightAccess):
         payload = [layer.storage.payload(stored_residual(layer, W)) if rank == owner else None]
         dist.broadcast_object_list(payload, src=owner)
         new = layer.storage.from_payload(layer.base_layer, (layer.out_features, layer.in_features), payload[0],
-                                         layer.compute_dtype)
+                                         layer.compute_dtype, device=_adapter_device(layer))
         if self._fits(new):
             keep_whole(new)
         else:
@@ -194,6 +207,16 @@ class ZeRO3Access(WeightAccess):
         self.whole_residual_bytes += nbytes
         self.whole_residual_layers += 1
         return True
+
+
+def _unloaded(layer) -> bool:
+    """A target whose dense weight was never loaded (:func:`load_partitioned`: still on the meta device)."""
+    return layer.base_layer.weight.is_meta
+
+
+def _adapter_device(layer) -> torch.device:
+    """Where a layer's adapter tensors (whole on every rank during the init) live: this rank's device."""
+    return next(iter(layer.tensors().values())).device
 
 
 def residual_budget_gib(ds_config: Optional[dict]) -> float:
@@ -354,14 +377,24 @@ def zero3_loading(ds_config: dict, dtype: torch.dtype):
     bf16 is off -- so for loading only, a copy of the config with ``bf16`` on makes
     the frozen base arrive in bf16 instead of fp32 (half the memory)."""
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations import deepspeed as hf_ds
 
     cfg = copy.deepcopy(ds_config)  # pass the Trainer-processed config (batch sizes filled in)
     cfg.pop("torch_autocast", None)
     cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {"enabled": False}
+    with _hf_zero3_config(HfDeepSpeedConfig, cfg):
+        yield
+
+
+@contextlib.contextmanager
+def _hf_zero3_config(make=None, cfg=None):
+    """The DeepSpeed config transformers sees while the block runs (``make(cfg)``; none without ``make``: a model
+    is then not built under ``zero.Init``), and the one alive before it afterwards (the Trainer's)."""
+    from transformers.integrations import deepspeed as hf_ds
+
     previous = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
-    keep = HfDeepSpeedConfig(cfg)  # noqa: F841  (alive while loading: transformers holds a weakref)
+    hf_ds.unset_hf_deepspeed_config()
+    keep = make(cfg) if make is not None else None  # noqa: F841  (alive in the block: transformers holds a weakref)
     try:
         yield
     finally:
@@ -369,6 +402,107 @@ def zero3_loading(ds_config: dict, dtype: torch.dtype):
             hf_ds.set_hf_deepspeed_config(previous)
         else:
             hf_ds.unset_hf_deepspeed_config()
+
+
+def load_partitioned(path: str, cfg, ds_config: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     **access_options) -> torch.nn.Module:
+    """Build ``path``'s model partitioned under ZeRO-3 with ``cfg``'s adapters initialized, for a residual stored
+    in another form (``adapter.quant: nf4``), without ever building the dense base -- not even partitioned.
+
+    Loading the base in bf16 under ``zero.Init`` and quantizing afterwards holds every rank's bf16 shards of the
+    whole model before the first layer is adapted: a 70B model's are 32 GiB per GPU at N=4, which set its load
+    peak (48.78 GiB, against 18.12 GiB training; bench/results/perf_notes.md). Here, as ``fsdp2.load_sharded``
+    does: the skeleton is built on the meta device and wrapped; the parameters no adapter replaces (embeddings,
+    norms, head, untargeted layers) are read from the checkpoint and partitioned one at a time; each target's
+    dense weight is read by its owner rank alone at init (``ZeRO3Access(read=...)``), decomposed, quantized and
+    broadcast as NF4. Checkpoint keys are checked before any tensor is read. ``access_options`` go to
+    :class:`ZeRO3Access` (the residual budget, ...). A collective: every rank calls it."""
+    from transformers import AutoConfig
+
+    from .checkpoint import TensorReader, checkpoint_files
+
+    reader = TensorReader(checkpoint_files(path))
+    return build_partitioned(meta_skeleton(AutoConfig.from_pretrained(path), dtype), reader, cfg, ds_config, seed,
+                             where=path, **access_options)
+
+
+def meta_skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
+    """``config``'s model with its parameters on the meta device (buffers, e.g. rotary tables, real). transformers
+    builds a model under ``zero.Init`` while a ZeRO-3 config is alive (the Trainer's): not this one."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with _hf_zero3_config(), init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_partitioned(model: torch.nn.Module, read, cfg, ds_config: dict, seed: int = 0, where: str = "the checkpoint",
+                      **access_options) -> torch.nn.Module:
+    """:func:`load_partitioned` on a skeleton already built on the meta device, with ``read(key)`` giving each
+    checkpoint tensor whole (``checkpoint.TensorReader``; the benchmarks draw random ones)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ..inject import SVDSource, finish, wrap
+    from .checkpoint import base_name, tied_source
+
+    if cfg.storage().in_place:
+        raise ValueError(f"load_partitioned builds a residual stored in another form (adapter.quant=nf4); "
+                         f"adapter.quant={cfg.quant!r} keeps it in the base weight: load the base with zero.Init")
+    source = SVDSource(cfg, seed)
+    targets, ranks = source.plan(model)  # names and ranks checked before any tensor is read
+    unloaded = {id(m.weight) for _, m in targets}  # read by their owners at init, never parameters
+    params = _holders(model, skip=unloaded)
+    keys = {tied_source(model, base_name(name)) for _, _, name in params.values()}
+    keys |= {f"{name}.weight" for name, _ in targets}
+    missing = read.missing(keys) if hasattr(read, "missing") else []
+    if missing:
+        raise KeyError(f"{where}: no tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                       f"({len(missing)} of the {len(keys)} the model needs)")
+    layers = wrap(model, targets, cfg, ranks)
+    device = torch.device(get_accelerator().current_device_name())
+    with torch.no_grad():
+        for _, layer in layers:  # whole on every rank until deepspeed.initialize, as after apply()
+            for p in layer.tensors().values():
+                p.data = p.data.to(device)
+        for m in model.modules():
+            for n, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[n] = b.to(device)
+        for p, holders, name in params.values():
+            key = tied_source(model, base_name(name))
+            _partition_from(read(key), key, p, holders, ds_config, device)
+    access = ZeRO3Access(ds_config=ds_config, read=read, **access_options)
+    access.adopt(model, layers)
+    model = finish(model, layers, cfg, source, access)
+    model.svd_scale_access = access  # what the init kept whole, how much it read (the engine's log, tests)
+    return model
+
+
+def _holders(model: torch.nn.Module, skip: set) -> dict:
+    """id(parameter) -> (parameter, [(module, attribute)], first full name): a tied parameter is one entry."""
+    out: dict = {}
+    for mname, m in model.named_modules():
+        for n, p in m._parameters.items():
+            if p is not None and id(p) not in skip:
+                out.setdefault(id(p), (p, [], f"{mname}.{n}" if mname else n))[1].append((m, n))
+    return out
+
+
+def _partition_from(full: torch.Tensor, key: str, meta: torch.nn.Parameter, holders: list, ds_config: dict,
+                    device) -> None:
+    """Put ``full`` (a whole checkpoint tensor) where the meta parameter was, in every module that holds it, and
+    partition it (``zero.Init(module=...)`` partitions the parameters of the module it is given: here a holder of
+    this one). Every rank read the same file; DeepSpeed keeps rank 0's bytes."""
+    import deepspeed
+
+    if tuple(full.shape) != tuple(meta.shape):
+        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(full.shape)}, the model's {tuple(meta.shape)}")
+    p = torch.nn.Parameter(full.to(device=device, dtype=meta.dtype), requires_grad=meta.requires_grad)
+    for m, n in holders:
+        m._parameters[n] = p
+    holder = torch.nn.Module()
+    holder.register_parameter("p", p)
+    deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config, dtype=meta.dtype)
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -642,15 +776,22 @@ class ZeRO3Engine(Engine):
 
         ds = args.hf_deepspeed_config.config  # the Trainer-processed config (batch sizes filled in)
         stage3 = self.stage3
-        with zero3_loading(ds, model_dtype(self.cfg)) if stage3 else contextlib.nullcontext():
-            model = load_model(self.cfg)  # under ZeRO-3: built partitioned
         tok = load_tokenizer(builtin.resolve_model_path(self.cfg.model))
-        if adapt:
-            return adapt(model), tok
-        access = ZeRO3Access(ds_config=ds, replicate_frozen_gib=self.replicate_gib(),
-                             replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib,
-                             min_whole_layers=self.resume_whole_layers) if stage3 else None
-        model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
+        options = dict(replicate_frozen_gib=self.replicate_gib(),
+                       replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib,
+                       min_whole_layers=self.resume_whole_layers)
+        streamed = stage3 and not adapt and self._builds_while_loading()
+        if streamed:
+            model = load_partitioned(builtin.local_model_dir(self.cfg.model), self.cfg.adapter, ds,
+                                     model_dtype(self.cfg), seed=self.cfg.train.seed, **options)
+            access = model.svd_scale_access
+        else:
+            with zero3_loading(ds, model_dtype(self.cfg)) if stage3 else contextlib.nullcontext():
+                model = load_model(self.cfg)  # under ZeRO-3: built partitioned
+            if adapt:
+                return adapt(model), tok
+            access = ZeRO3Access(ds_config=ds, **options) if stage3 else None
+            model = apply(model, self.cfg.adapter, seed=self.cfg.train.seed, access=access)
         if access is not None:
             self._say_residual_layout(access)
         if access is not None and access.replicated_bytes:
@@ -666,6 +807,28 @@ class ZeRO3Engine(Engine):
             self.notes["zero3_leaf_modules"] = set_leaf_modules(model)
             say(f"ZeRO-3: every {self.notes['zero3_leaf_modules']} is a leaf module (fetched whole, one hook pair)")
         return model, tok
+
+    def _builds_while_loading(self) -> bool:
+        """Whether :func:`load_partitioned` builds the model (a quantized residual and a local safetensors
+        checkpoint); otherwise the dense base is loaded partitioned first, saying what that costs."""
+        from .. import builtin
+        from .checkpoint import has_safetensors
+
+        if self.cfg.adapter.storage().in_place:
+            return False
+        try:
+            where = builtin.local_model_dir(self.cfg.model)
+        except (OSError, ValueError):  # not a local folder, nor in the Hub cache: from_pretrained reports it below
+            where = None
+        if where is not None and has_safetensors(where):
+            self.notes["zero3_load"] = "partitioned while loading: no dense target weight loaded"
+            say(f"ZeRO-3: building the {self.cfg.adapter.quant} residuals while loading {where}: each target's dense "
+                "weight is read by its owner rank only, never loaded partitioned")
+            return True
+        self.notes["zero3_load"] = "dense base loaded partitioned first (no local safetensors checkpoint)"
+        say(f"ZeRO-3: {self.cfg.model} has no local safetensors checkpoint: the dense base is loaded partitioned "
+            f"first and quantized layer by layer (its bf16 shards count against each GPU until then)")
+        return False
 
     def _say_residual_layout(self, access: "ZeRO3Access") -> None:
         whole, parted = access.whole_residual_layers, access.partitioned_residual_layers

@@ -39,7 +39,10 @@ class ResidualStorage:
     def payload(self, W_res: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def from_payload(self, base: nn.Module, shape: tuple, payload: Any, compute_dtype: torch.dtype) -> nn.Module:
+    def from_payload(self, base: nn.Module, shape: tuple, payload: Any, compute_dtype: torch.dtype,
+                     device: Optional[torch.device] = None) -> nn.Module:
+        """The base layer rebuilt around ``payload``, on ``device`` (default: the base weight's; a base built on
+        the meta device, whose dense weight was never loaded, names it)."""
         raise NotImplementedError
 
     def sharded_container(self, base: nn.Module, shape: tuple, compute_dtype: torch.dtype) -> Optional[nn.Module]:

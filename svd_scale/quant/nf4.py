@@ -237,8 +237,8 @@ class NF4Storage(ResidualStorage):
         packed, state = quantize_nf4(W_res.float(), self.double_quant)
         return state_to_payload(packed, state)
 
-    def from_payload(self, base, shape, payload, compute_dtype):
-        packed, state = payload_to_state(payload, base.weight.device)
+    def from_payload(self, base, shape, payload, compute_dtype, device=None):
+        packed, state = payload_to_state(payload, device if device is not None else base.weight.device)
         return linear4bit_from_packed(base, shape, packed, state, compute_dtype, self.double_quant,
                                       getattr(base, "bias", None))
 

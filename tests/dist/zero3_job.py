@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import svd_scale  # noqa: E402
 from svd_scale.config import load_config  # noqa: E402
-from svd_scale.engines.zero3 import ZeRO3Access, local_shard_numel, zero3_loading  # noqa: E402
+from svd_scale.engines.zero3 import ZeRO3Access, load_partitioned, local_shard_numel, zero3_loading  # noqa: E402
 from svd_scale.io import adapter_state_dict  # noqa: E402
 from svd_scale.training import run  # noqa: E402
 
@@ -92,17 +92,24 @@ def method_checks(model_dir: str, out: Path, rank: int, world: int) -> None:
         engine.destroy()
 
 
-def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: float = 0.0, tag: str = "nf4") -> int:
+def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: float = 0.0, tag: str = "nf4",
+               streamed: bool = False) -> int:
     """NF4 residual under ZeRO-3: partitioned 4-bit codes (or, within ``whole_gib``, the first layers' codes whole
-    on every rank, outside ZeRO-3), identical quant_state, one step."""
+    on every rank, outside ZeRO-3), identical quant_state, one step. ``streamed``: built by ``load_partitioned``
+    (the engine's loader for NF4: no dense target weight loaded; each owner reads its own from the file)."""
     from svd_scale.quant.nf4 import is_4bit
 
-    with zero3_loading(DS, torch.float32):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # T=1: the pytest side compares with one process, and refinement re-quantizes T times, which
     # amplifies LAPACK's thread-count rounding (the job runs 1 thread) into flipped 4-bit codes
-    access = ZeRO3Access(replicate_residual_gib=whole_gib)
-    svd_scale.apply(model, svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1), access=access)
+    cfg = svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1)
+    if streamed:
+        model = load_partitioned(model_dir, cfg, DS, torch.float32, replicate_residual_gib=whole_gib)
+        access = model.svd_scale_access
+    else:
+        with zero3_loading(DS, torch.float32):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        access = ZeRO3Access(replicate_residual_gib=whole_gib)
+        svd_scale.apply(model, cfg, access=access)
     layers = list(svd_scale.adapter_layers(model))
     states = {}
     local4 = total4 = 0
@@ -138,7 +145,8 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: floa
         "local4": local4, "total4": total4, "loss": float(loss), "weight_dtypes": dtypes, "whole": whole,
         "names": [name for name, _ in layers],
         "layers": len(layers), "whole_bytes": access.whole_residual_bytes,
-        "partitioned_layers": access.partitioned_residual_layers}))
+        "partitioned_layers": access.partitioned_residual_layers, "weights_read": access.weights_read,
+        "owned": sum(1 for i in range(len(layers)) if i % world == rank), "peak_gathered": access.peak_gathered_numel}))
     engine.destroy()
     return total4
 
@@ -381,6 +389,7 @@ def main():
     ap.add_argument("--resume-from", default=None)
     ap.add_argument("--methods", action="store_true")
     ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--tied-model", default=None, help="with --nf4: a model with tied embeddings, built while loading")
     ap.add_argument("--train-resume-only", action="store_true", help="only the 10-step run and its resume (two-node test)")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
@@ -403,6 +412,9 @@ def main():
         total4 = nf4_checks(a.model, out, rank, world)
         # a budget of half the codes' bytes (bf16 storage, 2 bytes a value): the first layers whole, the rest partitioned
         nf4_checks(a.model, out, rank, world, whole_gib=total4 * 2 / 2 / 2**30, tag="nf4_whole")
+        nf4_checks(a.model, out, rank, world, whole_gib=total4 * 2 / 2 / 2**30, tag="nf4_streamed", streamed=True)
+        if a.tied_model:  # tied embeddings (SmolLM2, the quickstart's model): the head is the embedding, read once
+            nf4_checks(a.tied_model, out, rank, world, tag="nf4_streamed_tied", streamed=True)
         nf4_resume(a.model, out, world)
     if a.train:
         train(a.model, out, world, a.resume, a.bf16, a.resume_from)
