@@ -200,6 +200,9 @@ class RandomTensors:
     def missing(self, keys):
         return sorted(k for k in set(keys) if k not in self.shapes)
 
+    def shape(self, key):
+        return self.shapes[key]
+
     def __call__(self, key: str) -> torch.Tensor:
         import zlib
 

@@ -455,6 +455,11 @@ def test_nf4_built_while_loading_equals_the_dense_load_and_reads_only_each_owner
             assert torch.equal(a[k], b[k]), k
     assert sum(json.loads((out / f"nf4_streamed_rank{r}.json").read_text())["weights_read"]
                for r in range(world)) == streamed["layers"]  # every target read once, by one rank
+    # a bf16 model from the fp32 file: each weight is decomposed as the model holds it (rounded to bf16), both ways
+    for r in range(world):
+        both = load_file(str(out / f"nf4_bf16_identity_rank{r}.safetensors"))
+        keys = [k.removeprefix("dense.") for k in both if k.startswith("dense.")]
+        assert keys and all(torch.equal(both["streamed." + k], both["dense." + k]) for k in keys)
 
 
 def test_nf4_built_while_loading_ties_the_head_to_the_embedding_like_one_process(world2, tied_model_dir):
@@ -467,6 +472,9 @@ def test_nf4_built_while_loading_ties_the_head_to_the_embedding_like_one_process
     world, out = world2
     state = [load_file(str(out / f"nf4_streamed_tied_rank{r}.safetensors")) for r in range(world)]
     assert torch.equal(state[0]["logits"], state[1]["logits"])
+    for r in range(world):
+        assert json.loads((out / f"nf4_streamed_tied_rank{r}.json").read_text())["head_is_embedding"]
+        assert not json.loads((out / f"nf4_streamed_rank{r}.json").read_text())["head_is_embedding"]  # untied model
     ref = svd_scale.apply(AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32),
                           svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1)).eval()
     assert ref.lm_head.weight is ref.get_input_embeddings().weight
@@ -606,22 +614,38 @@ def test_residuals_kept_as_buffers_are_counted_and_merge_back_into_parameters():
     torch.testing.assert_close(state[f"{name}.weight"], merged.get_submodule(name).weight.detach())
 
 
-def test_building_while_loading_names_a_missing_checkpoint_tensor_before_reading_any(tmp_path, model_dir):
-    """A checkpoint that lacks a tensor the model needs is refused with its key, before any tensor is read or any
-    collective runs (this test has no process group); a residual kept in the base weight is not this loader's."""
+def test_building_while_loading_names_a_bad_checkpoint_tensor_before_reading_any(tmp_path, model_dir, monkeypatch):
+    """A checkpoint that lacks a tensor the model needs, or holds one of another shape, is refused with its key from
+    the files' headers alone: no tensor is read and no collective runs (this test has no process group). A residual
+    kept in the base weight is not this loader's. The launch path falls back to the dense load for such a checkpoint
+    (e.g. keys without the model's prefix, which ``from_pretrained`` renames), saying why."""
     import shutil
 
     from safetensors.torch import load_file as load, save_file
 
-    from svd_scale.engines.zero3 import load_partitioned
+    from svd_scale.engines import checkpoint
+    from svd_scale.engines.zero3 import ZeRO3Engine, load_partitioned
 
-    broken = tmp_path / "broken"
-    shutil.copytree(model_dir, broken)
-    tensors = load(str(broken / "model.safetensors"))
-    del tensors["model.layers.1.mlp.down_proj.weight"], tensors["model.norm.weight"]
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    def no_read(self, key):
+        raise AssertionError(f"read {key} before the checks")
+
+    monkeypatch.setattr(checkpoint.TensorReader, "__call__", no_read)
     cfg = svd_scale.AdapterConfig(rank=4, quant="nf4")
-    with pytest.raises(KeyError, match=r"model.layers.1.mlp.down_proj.weight.*model.norm.weight.*2 of the"):
-        load_partitioned(str(broken), cfg, {"zero_optimization": {"stage": 3}}, torch.float32)
+    ds = {"zero_optimization": {"stage": 3}}
+    tensors = load(str(Path(model_dir) / "model.safetensors"))
+    variants = {"missing": {k: v for k, v in tensors.items() if k not in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight")},
+                "shape": {**tensors, "model.layers.0.self_attn.q_proj.weight": tensors["model.layers.0.self_attn.q_proj.weight"][:8]},
+                "prefix": {k.removeprefix("model."): v for k, v in tensors.items()}}
+    for name, t in variants.items():
+        shutil.copytree(model_dir, tmp_path / name)
+        save_file(t, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensors for \['model.layers.1.mlp.down_proj.weight', 'model.norm.weight'\] \(2 of the"):
+        load_partitioned(str(tmp_path / "missing"), cfg, ds, torch.float32)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.weight' has shape \(8, 64\), the model's is \(64, 64\)"):
+        load_partitioned(str(tmp_path / "shape"), cfg, ds, torch.float32)
     with pytest.raises(ValueError, match="adapter.quant='none'"):
-        load_partitioned(model_dir, svd_scale.AdapterConfig(rank=4), {"zero_optimization": {"stage": 3}}, torch.float32)
+        load_partitioned(model_dir, svd_scale.AdapterConfig(rank=4), ds, torch.float32)
+    for folder, built in ((tmp_path / "prefix", False), (model_dir, True)):
+        engine = ZeRO3Engine(load_config(None, (f"model={folder}", "adapter.quant=nf4")))
+        assert (engine._while_loading() is not None) == built
+        assert engine.notes["zero3_load"].startswith("partitioned while loading" if built else "dense base loaded partitioned first (no tensors for")

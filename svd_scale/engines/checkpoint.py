@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -66,3 +67,41 @@ class TensorReader:
 
     def missing(self, keys) -> list[str]:
         return sorted(k for k in set(keys) if k not in self.where)
+
+    def shape(self, key: str) -> tuple:
+        """A tensor's shape from the file's header (no data read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), framework="pt") as fh:
+            return tuple(fh.get_slice(key).get_shape())
+
+
+def meta_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """``config``'s causal LM with its parameters on the meta device (buffers, e.g. rotary tables, real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple]:
+    """Checkpoint key -> shape of every parameter a skeleton needs (before wrapping; a tied head is the
+    embedding's key, read once). Persistent buffers are not read: they keep the values the model's constructor gives
+    them (Llama, Qwen2 and GPT-2 in transformers 5 keep none in their checkpoints)."""
+    return {tied_source(model, base_name(n)): tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def checkpoint_problem(read, expected: dict) -> Optional[str]:
+    """What keeps ``read`` (a :class:`TensorReader`, or anything with ``missing``, ``shape`` and ``__call__``) from
+    filling a model that needs ``expected`` (:func:`expected_tensors`), from the files' headers alone; None: nothing.
+    transformers' ``from_pretrained`` also renames legacy keys (prefixes, conversions); these loaders do not."""
+    missing = read.missing(expected)
+    if missing:
+        return (f"no tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                f"({len(missing)} of the {len(expected)} the model needs)")
+    wrong = [(k, read.shape(k), s) for k, s in expected.items() if tuple(read.shape(k)) != s]
+    if wrong:
+        k, got, want = wrong[0]
+        return f"tensor {k!r} has shape {got}, the model's is {want} ({len(wrong)} tensors differ)"
+    return None

@@ -56,7 +56,7 @@ from ..config import AdapterConfig
 from ..inject import SVDSource, adapter_layers, decoder_layers, finish, wrap
 from ..layer import from_out_in, math_dtype, to_out_in
 from .base import Engine, load_tokenizer, model_dtype
-from .checkpoint import TensorReader, base_name, checkpoint_files, tied_source
+from .checkpoint import TensorReader, base_name, checkpoint_files, meta_skeleton, tied_source
 
 
 def gather_for_regularizer(reg: nn.Module) -> None:
@@ -170,12 +170,10 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     initialized (module docstring), on ``device`` (default: this rank's GPU if there is one).
     Bad configurations fail before any weight is read. The same pipeline as ``svd_scale.apply``,
     with the sharding between wrapping and initialization. ``reshard_after_forward``: see :func:`shard`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     files = checkpoint_files(path)
-    with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model = meta_skeleton(AutoConfig.from_pretrained(path), dtype)  # parameters on meta, buffers (rotary tables) real
     source = SVDSource(cfg, seed)
     targets, ranks = source.plan(model)
     layers = wrap(model, targets, cfg, ranks)

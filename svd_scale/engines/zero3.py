@@ -173,8 +173,8 @@ class ZeRO3Access(WeightAccess):
             return layer.base_layer.weight.detach()
         if self.read is None:
             raise RuntimeError(f"{name}: its dense weight was never loaded and ZeRO3Access has no read=")
-        self.weights_read += 1
-        return self.read(name + ".weight").to(_adapter_device(layer))
+        self.weights_read += 1  # in the model's dtype, as a loaded weight would be: the same SVD as the dense path
+        return self.read(name + ".weight").to(device=_adapter_device(layer), dtype=layer.base_layer.weight.dtype)
 
     def _write_stored(self, layer, W: Optional[torch.Tensor], owner: int, rank: int) -> None:
         """A residual in another storage (4-bit): the owner builds it once and broadcasts it whole
@@ -393,9 +393,9 @@ def _hf_zero3_config(make=None, cfg=None):
     from transformers.integrations import deepspeed as hf_ds
 
     previous = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
-    hf_ds.unset_hf_deepspeed_config()
-    keep = make(cfg) if make is not None else None  # noqa: F841  (alive in the block: transformers holds a weakref)
     try:
+        hf_ds.unset_hf_deepspeed_config()
+        keep = make(cfg) if make is not None else None  # noqa: F841  (alive in the block: transformers holds a weakref)
         yield
     finally:
         if previous is not None:
@@ -410,12 +410,12 @@ def load_partitioned(path: str, cfg, ds_config: dict, dtype: torch.dtype = torch
     in another form (``adapter.quant: nf4``), without ever building the dense base -- not even partitioned.
 
     Loading the base in bf16 under ``zero.Init`` and quantizing afterwards holds every rank's bf16 shards of the
-    whole model before the first layer is adapted: a 70B model's are 32 GiB per GPU at N=4, which set its load
-    peak (48.78 GiB, against 18.12 GiB training; bench/results/perf_notes.md). Here, as ``fsdp2.load_sharded``
-    does: the skeleton is built on the meta device and wrapped; the parameters no adapter replaces (embeddings,
-    norms, head, untargeted layers) are read from the checkpoint and partitioned one at a time; each target's
-    dense weight is read by its owner rank alone at init (``ZeRO3Access(read=...)``), decomposed, quantized and
-    broadcast as NF4. Checkpoint keys are checked before any tensor is read. ``access_options`` go to
+    whole model until the last layer is adapted: at 70B on 2 GPUs the load + adapt peak was 89.18 GiB per GPU,
+    24.62 GiB this way (bench/results/zero3_load_70b_H200x2.md). As ``fsdp2.load_sharded`` does: the skeleton is
+    built on the meta device and wrapped; the parameters no adapter replaces (embeddings, norms, head, untargeted
+    layers) are read from the checkpoint and partitioned one at a time; each target's dense weight is read by its
+    owner rank alone at init (``ZeRO3Access(read=...)``), decomposed, quantized and broadcast as NF4. Checkpoint keys
+    and shapes are checked from the files' headers before any tensor is read. ``access_options`` go to
     :class:`ZeRO3Access` (the residual budget, ...). A collective: every rank calls it."""
     from transformers import AutoConfig
 
@@ -427,37 +427,34 @@ def load_partitioned(path: str, cfg, ds_config: dict, dtype: torch.dtype = torch
 
 
 def meta_skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
-    """``config``'s model with its parameters on the meta device (buffers, e.g. rotary tables, real). transformers
-    builds a model under ``zero.Init`` while a ZeRO-3 config is alive (the Trainer's): not this one."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    """``checkpoint.meta_skeleton``, also while a ZeRO-3 config is alive (the Trainer's), under which transformers
+    would build the model under ``zero.Init``."""
+    from . import checkpoint
 
-    with _hf_zero3_config(), init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _hf_zero3_config():
+        return checkpoint.meta_skeleton(config, dtype)
 
 
 def build_partitioned(model: torch.nn.Module, read, cfg, ds_config: dict, seed: int = 0, where: str = "the checkpoint",
                       **access_options) -> torch.nn.Module:
-    """:func:`load_partitioned` on a skeleton already built on the meta device, with ``read(key)`` giving each
-    checkpoint tensor whole (``checkpoint.TensorReader``; the benchmarks draw random ones)."""
+    """:func:`load_partitioned` on a skeleton already built on the meta device (:func:`meta_skeleton`), with ``read``
+    giving each checkpoint tensor whole (``checkpoint.TensorReader``; the benchmarks draw random ones)."""
     from deepspeed.accelerator import get_accelerator
 
     from ..inject import SVDSource, finish, wrap
-    from .checkpoint import base_name, tied_source
+    from .checkpoint import base_name, checkpoint_problem, expected_tensors, tied_source
 
     if cfg.storage().in_place:
         raise ValueError(f"load_partitioned builds a residual stored in another form (adapter.quant=nf4); "
                          f"adapter.quant={cfg.quant!r} keeps it in the base weight: load the base with zero.Init")
     source = SVDSource(cfg, seed)
     targets, ranks = source.plan(model)  # names and ranks checked before any tensor is read
+    problem = checkpoint_problem(read, expected_tensors(model))
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    access = ZeRO3Access(ds_config=ds_config, read=read, **access_options)
     unloaded = {id(m.weight) for _, m in targets}  # read by their owners at init, never parameters
     params = _holders(model, skip=unloaded)
-    keys = {tied_source(model, base_name(name)) for _, _, name in params.values()}
-    keys |= {f"{name}.weight" for name, _ in targets}
-    missing = read.missing(keys) if hasattr(read, "missing") else []
-    if missing:
-        raise KeyError(f"{where}: no tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                       f"({len(missing)} of the {len(keys)} the model needs)")
     layers = wrap(model, targets, cfg, ranks)
     device = torch.device(get_accelerator().current_device_name())
     with torch.no_grad():
@@ -469,9 +466,7 @@ def build_partitioned(model: torch.nn.Module, read, cfg, ds_config: dict, seed: 
                 if b is not None:
                     m._buffers[n] = b.to(device)
         for p, holders, name in params.values():
-            key = tied_source(model, base_name(name))
-            _partition_from(read(key), key, p, holders, ds_config, device)
-    access = ZeRO3Access(ds_config=ds_config, read=read, **access_options)
+            _partition_from(read(tied_source(model, base_name(name))), p, holders, ds_config, device)
     access.adopt(model, layers)
     model = finish(model, layers, cfg, source, access)
     model.svd_scale_access = access  # what the init kept whole, how much it read (the engine's log, tests)
@@ -488,15 +483,12 @@ def _holders(model: torch.nn.Module, skip: set) -> dict:
     return out
 
 
-def _partition_from(full: torch.Tensor, key: str, meta: torch.nn.Parameter, holders: list, ds_config: dict,
-                    device) -> None:
+def _partition_from(full: torch.Tensor, meta: torch.nn.Parameter, holders: list, ds_config: dict, device) -> None:
     """Put ``full`` (a whole checkpoint tensor) where the meta parameter was, in every module that holds it, and
     partition it (``zero.Init(module=...)`` partitions the parameters of the module it is given: here a holder of
     this one). Every rank read the same file; DeepSpeed keeps rank 0's bytes."""
     import deepspeed
 
-    if tuple(full.shape) != tuple(meta.shape):
-        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(full.shape)}, the model's {tuple(meta.shape)}")
     p = torch.nn.Parameter(full.to(device=device, dtype=meta.dtype), requires_grad=meta.requires_grad)
     for m, n in holders:
         m._parameters[n] = p
@@ -780,10 +772,11 @@ class ZeRO3Engine(Engine):
         options = dict(replicate_frozen_gib=self.replicate_gib(),
                        replicate_residual_gib=self.cfg.train.zero3_replicate_residual_gib,
                        min_whole_layers=self.resume_whole_layers)
-        streamed = stage3 and not adapt and self._builds_while_loading()
-        if streamed:
-            model = load_partitioned(builtin.local_model_dir(self.cfg.model), self.cfg.adapter, ds,
-                                     model_dtype(self.cfg), seed=self.cfg.train.seed, **options)
+        built = self._while_loading() if stage3 and not adapt else None
+        if built is not None:
+            skeleton, reader, where = built
+            model = build_partitioned(skeleton, reader, self.cfg.adapter, ds, seed=self.cfg.train.seed, where=where,
+                                      **options)
             access = model.svd_scale_access
         else:
             with zero3_loading(ds, model_dtype(self.cfg)) if stage3 else contextlib.nullcontext():
@@ -808,27 +801,36 @@ class ZeRO3Engine(Engine):
             say(f"ZeRO-3: every {self.notes['zero3_leaf_modules']} is a leaf module (fetched whole, one hook pair)")
         return model, tok
 
-    def _builds_while_loading(self) -> bool:
-        """Whether :func:`load_partitioned` builds the model (a quantized residual and a local safetensors
-        checkpoint); otherwise the dense base is loaded partitioned first, saying what that costs."""
+    def _while_loading(self) -> Optional[tuple]:
+        """``(skeleton, reader, folder)`` when the model can be built while loading (:func:`build_partitioned`: a
+        quantized residual, a local safetensors checkpoint whose keys and shapes are the model's); otherwise None,
+        and the dense base is loaded partitioned first, saying why and what that costs."""
+        from transformers import AutoConfig
+
         from .. import builtin
-        from .checkpoint import has_safetensors
+        from .checkpoint import TensorReader, checkpoint_files, checkpoint_problem, expected_tensors, has_safetensors
 
         if self.cfg.adapter.storage().in_place:
-            return False
+            return None
         try:
             where = builtin.local_model_dir(self.cfg.model)
         except (OSError, ValueError):  # not a local folder, nor in the Hub cache: from_pretrained reports it below
             where = None
+        why = "no local safetensors checkpoint"
         if where is not None and has_safetensors(where):
-            self.notes["zero3_load"] = "partitioned while loading: no dense target weight loaded"
-            say(f"ZeRO-3: building the {self.cfg.adapter.quant} residuals while loading {where}: each target's dense "
-                "weight is read by its owner rank only, never loaded partitioned")
-            return True
-        self.notes["zero3_load"] = "dense base loaded partitioned first (no local safetensors checkpoint)"
-        say(f"ZeRO-3: {self.cfg.model} has no local safetensors checkpoint: the dense base is loaded partitioned "
-            f"first and quantized layer by layer (its bf16 shards count against each GPU until then)")
-        return False
+            skeleton = meta_skeleton(AutoConfig.from_pretrained(where), model_dtype(self.cfg))
+            reader = TensorReader(checkpoint_files(where))
+            why = checkpoint_problem(reader, expected_tensors(skeleton))
+            if why is None:
+                self.notes["zero3_load"] = "partitioned while loading: no dense target weight loaded"
+                say(f"ZeRO-3: building the {self.cfg.adapter.quant} residuals while loading {where}: each target's "
+                    "dense weight is read by the rank that decomposes it, never loaded partitioned")
+                return skeleton, reader, where
+            why = f"{why}; from_pretrained renames legacy keys, this loader does not"
+        self.notes["zero3_load"] = f"dense base loaded partitioned first ({why})"
+        say(f"ZeRO-3: the dense base is loaded partitioned first and quantized layer by layer ({why}): its bf16 shards "
+            "count against each GPU until the last layer is adapted")
+        return None
 
     def _say_residual_layout(self, access: "ZeRO3Access") -> None:
         whole, parted = access.whole_residual_layers, access.partitioned_residual_layers

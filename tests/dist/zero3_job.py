@@ -146,9 +146,30 @@ def nf4_checks(model_dir: str, out: Path, rank: int, world: int, whole_gib: floa
         "names": [name for name, _ in layers],
         "layers": len(layers), "whole_bytes": access.whole_residual_bytes,
         "partitioned_layers": access.partitioned_residual_layers, "weights_read": access.weights_read,
-        "owned": sum(1 for i in range(len(layers)) if i % world == rank), "peak_gathered": access.peak_gathered_numel}))
+        "owned": sum(1 for i in range(len(layers)) if i % world == rank), "peak_gathered": access.peak_gathered_numel,
+        "head_is_embedding": model.get_output_embeddings().weight is model.get_input_embeddings().weight}))
     engine.destroy()
     return total4
+
+
+def nf4_bf16_identity(model_dir: str, out: Path, rank: int) -> None:
+    """A bf16 model from the fp32 checkpoint, both ways, every residual whole: ``load_partitioned`` must decompose
+    each weight as loaded in the model's dtype, as ``apply`` on the dense load does (the SVD of the fp32 file's
+    values would give other factors and codes)."""
+    from svd_scale.io import adapter_state_dict
+
+    cfg = svd_scale.AdapterConfig(rank=8, svd="full", quant="nf4", quant_iters=1)
+    streamed = load_partitioned(model_dir, cfg, DS, torch.bfloat16, replicate_residual_gib=1000)
+    with zero3_loading(DS, torch.bfloat16):
+        dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    svd_scale.apply(dense, cfg, access=ZeRO3Access(replicate_residual_gib=1000))
+    state = {}
+    for tag, model in (("streamed", streamed), ("dense", dense)):
+        state.update({f"{tag}.{k}": v for k, v in adapter_state_dict(model).items()})
+        for name, l in svd_scale.adapter_layers(model):
+            state[f"{tag}.{name}.codes"] = l.base_layer.weight.data.view(torch.int16).cpu().clone()
+            state[f"{tag}.{name}.absmax"] = l.base_layer.weight.quant_state.absmax.float().cpu()
+    save_file(state, str(out / f"nf4_bf16_identity_rank{rank}.safetensors"))
 
 
 def nf4_resume(model_dir: str, out: Path, world: int) -> None:
@@ -415,6 +436,7 @@ def main():
         nf4_checks(a.model, out, rank, world, whole_gib=total4 * 2 / 2 / 2**30, tag="nf4_streamed", streamed=True)
         if a.tied_model:  # tied embeddings (SmolLM2, the quickstart's model): the head is the embedding, read once
             nf4_checks(a.tied_model, out, rank, world, tag="nf4_streamed_tied", streamed=True)
+        nf4_bf16_identity(a.model, out, rank)
         nf4_resume(a.model, out, world)
     if a.train:
         train(a.model, out, world, a.resume, a.bf16, a.resume_from)
