@@ -428,11 +428,14 @@ def load_partitioned(path: str, cfg, ds_config: dict, dtype: torch.dtype = torch
 
 def meta_skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
     """``checkpoint.meta_skeleton``, also while a ZeRO-3 config is alive (the Trainer's), under which transformers
-    would build the model under ``zero.Init``."""
+    would build the model under ``zero.Init``. A tied head is tied here (``from_config`` leaves it a separate
+    parameter until weights are loaded), so it is read and partitioned once, as the embedding."""
     from . import checkpoint
 
     with _hf_zero3_config():
-        return checkpoint.meta_skeleton(config, dtype)
+        model = checkpoint.meta_skeleton(config, dtype)
+    model.tie_weights()
+    return model
 
 
 def build_partitioned(model: torch.nn.Module, read, cfg, ds_config: dict, seed: int = 0, where: str = "the checkpoint",
