@@ -19,6 +19,12 @@ so that every rank holds only its shard of each weight:
    whole on every rank as buffers outside ZeRO-3 (:func:`keep_whole`) instead of being partitioned: the adapters
    train almost nothing, so ZeRO-3's per-step work was nearly all gathering these frozen codes.
 
+With a residual stored in another form (NF4) and a safetensors checkpoint, :func:`load_partitioned` (what the
+engine does) builds the model without ever loading the dense base: the skeleton on the meta device, the other
+parameters read and partitioned one at a time, and in step 2 each owner reads its own weight from the file instead
+of a gather (``ZeRO3Access(read=...)``). Loading the bf16 base first held every rank's shards of the whole model until
+the last layer was quantized (70B on 2 GPUs: 89.18 GiB per GPU at load, 24.62 GiB this way).
+
 Bound: during init a rank holds at most G full weights (step 2) plus one fp32 copy of
 its own weight and the SVD's workspace, on top of its shards and the residuals kept whole; ``peak_gathered_numel``
 records the largest number of gathered elements at once, and the tests check it. The
