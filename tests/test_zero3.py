@@ -616,7 +616,8 @@ def test_residuals_kept_as_buffers_are_counted_and_merge_back_into_parameters():
 
 def test_building_while_loading_names_a_bad_checkpoint_tensor_before_reading_any(tmp_path, model_dir, monkeypatch):
     """A checkpoint that lacks a tensor the model needs, or holds one of another shape, is refused with its key from
-    the files' headers alone: no tensor is read and no collective runs (this test has no process group). A residual
+    the files' headers alone: no tensor is read and no collective runs (this test has no process group), by ZeRO-3's
+    loader and FSDP2's. A residual
     kept in the base weight is not this loader's. The launch path falls back to the dense load for such a checkpoint
     (e.g. keys without the model's prefix, which ``from_pretrained`` renames), saying why."""
     import shutil
@@ -643,6 +644,11 @@ def test_building_while_loading_names_a_bad_checkpoint_tensor_before_reading_any
         load_partitioned(str(tmp_path / "missing"), cfg, ds, torch.float32)
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.weight' has shape \(8, 64\), the model's is \(64, 64\)"):
         load_partitioned(str(tmp_path / "shape"), cfg, ds, torch.float32)
+    from svd_scale.engines.fsdp2 import load_sharded  # FSDP2's loader runs the same check, before sharding
+
+    for name, match in (("missing", "no tensors for"), ("shape", "has shape \\(8, 64\\)")):
+        with pytest.raises(ValueError, match=match):
+            load_sharded(str(tmp_path / name), cfg, torch.float32)
     with pytest.raises(ValueError, match="adapter.quant='none'"):
         load_partitioned(model_dir, svd_scale.AdapterConfig(rank=4), ds, torch.float32)
     for folder, built in ((tmp_path / "prefix", False), (model_dir, True)):

@@ -56,7 +56,8 @@ from ..config import AdapterConfig
 from ..inject import SVDSource, adapter_layers, decoder_layers, finish, wrap
 from ..layer import from_out_in, math_dtype, to_out_in
 from .base import Engine, load_tokenizer, model_dtype
-from .checkpoint import TensorReader, base_name, checkpoint_files, meta_skeleton, tied_source
+from .checkpoint import (TensorReader, base_name, checkpoint_files, checkpoint_problem, expected_tensors,
+                         meta_skeleton, tied_source)
 
 
 def gather_for_regularizer(reg: nn.Module) -> None:
@@ -176,6 +177,10 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
     model = meta_skeleton(AutoConfig.from_pretrained(path), dtype)  # parameters on meta, buffers (rotary tables) real
     source = SVDSource(cfg, seed)
     targets, ranks = source.plan(model)
+    reader = TensorReader(files)
+    problem = checkpoint_problem(reader, expected_tensors(model))  # keys and shapes from the headers, nothing read
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     layers = wrap(model, targets, cfg, ranks)
     for _, layer in layers:  # a quantized residual takes its sharded form before sharding
         container = layer.storage.sharded_container(layer.base_layer, (layer.out_features, layer.in_features),
@@ -192,7 +197,7 @@ def load_sharded(path: str, cfg: AdapterConfig, dtype: torch.dtype = torch.float
             b.copy_(buffers[n])
     _fill_from_checkpoint(model, files, path)
     filled_at_init = any(not layer.storage.in_place for _, layer in layers)
-    access = FSDP2Access(TensorReader(files) if filled_at_init else None)
+    access = FSDP2Access(reader if filled_at_init else None)
     finish(model, layers, cfg, source, access)
     model.svd_scale_fsdp_max_full_numel = access.max_full_numel
     return model
