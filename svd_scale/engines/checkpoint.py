@@ -27,11 +27,6 @@ def checkpoint_files(path: str) -> list[Path]:
     return [single]
 
 
-def has_safetensors(path: str) -> bool:
-    p = Path(path)
-    return (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file()
-
-
 def base_name(name: str) -> str:
     """A wrapped model's parameter name as the base checkpoint spells it."""
     return name.replace(".base_layer.", ".")
@@ -55,9 +50,6 @@ class TensorReader:
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 self.where.update({k: f for k in fh.keys()})
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
 
     def __call__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open

@@ -817,18 +817,17 @@ class ZeRO3Engine(Engine):
         from transformers import AutoConfig
 
         from .. import builtin
-        from .checkpoint import TensorReader, checkpoint_files, checkpoint_problem, expected_tensors, has_safetensors
+        from .checkpoint import TensorReader, checkpoint_files, checkpoint_problem, expected_tensors
 
         if self.cfg.adapter.storage().in_place:
             return None
         try:
             where = builtin.local_model_dir(self.cfg.model)
-        except (OSError, ValueError):  # not a local folder, nor in the Hub cache: from_pretrained reports it below
-            where = None
-        why = "no local safetensors checkpoint"
-        if where is not None and has_safetensors(where):
-            skeleton = meta_skeleton(AutoConfig.from_pretrained(where), model_dtype(self.cfg))
             reader = TensorReader(checkpoint_files(where))
+        except (OSError, ValueError):  # no local safetensors folder (a missing one: FileNotFoundError, an OSError)
+            where, why = None, "no local safetensors checkpoint"
+        if where is not None:
+            skeleton = meta_skeleton(AutoConfig.from_pretrained(where), model_dtype(self.cfg))
             why = checkpoint_problem(reader, expected_tensors(skeleton))
             if why is None:
                 self.notes["zero3_load"] = "partitioned while loading: no dense target weight loaded"
